@@ -1,0 +1,142 @@
+"""One registry for every network of the paper, named as the paper names them.
+
+``wrn-D-K`` resolves by depth: 18 and 34 are the basic-block ImageNet networks of Table 7,
+50 and 101 the bottleneck ImageNet networks of Table 8, and any other 6n+4 depth the CIFAR/SVHN
+family. Parsing needs no torch, so specs validate without it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Family = Literal["cifar", "imagenet-basic", "imagenet-bottleneck"]
+
+_NAME = re.compile(r"^wrn-(\d+)-(\d+(?:\.\d+)?)$")
+IMAGENET_BASIC_DEPTHS = (18, 34)
+IMAGENET_BOTTLENECK_DEPTHS = (50, 101)
+CIFAR_DEPTHS_SHOWN = "10, 16, 22, 28, 40, 52 (any 6n+4 except 34)"
+
+# The variants the paper reports, listed by `wrn-cluster models list`; other widths build too.
+PAPER_VARIANTS = (
+    "wrn-40-1",
+    "wrn-40-2",
+    "wrn-40-4",
+    "wrn-40-8",
+    "wrn-28-10",
+    "wrn-28-12",
+    "wrn-22-8",
+    "wrn-22-10",
+    "wrn-16-4",
+    "wrn-16-8",
+    "wrn-16-10",
+    "wrn-18-1",
+    "wrn-18-1.5",
+    "wrn-18-2",
+    "wrn-18-3",
+    "wrn-34-1",
+    "wrn-34-1.5",
+    "wrn-34-2",
+    "wrn-50-2",
+    "wrn-101-2",
+)
+
+
+class UnknownModelError(ValueError):
+    """A model name the registry cannot build; the message says what it accepts."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: Family
+    depth: int
+    width: float
+
+    @property
+    def default_image_size(self) -> int:
+        return 32 if self.family == "cifar" else 224
+
+    @property
+    def total_stride(self) -> int:
+        """How much the network shrinks its input; smaller images cannot pass through."""
+        return 4 if self.family == "cifar" else 32
+
+
+def parse_name(name: str) -> ModelInfo:
+    match = _NAME.match(name)
+    if not match:
+        raise UnknownModelError(
+            f"unknown model {name!r}: names are wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-50-2 "
+            "(see `wrn-cluster models list`)"
+        )
+    depth, width = int(match.group(1)), float(match.group(2))
+    if width <= 0:
+        raise UnknownModelError(f"model {name!r}: width must be positive")
+    if depth in IMAGENET_BASIC_DEPTHS:
+        family: Family = "imagenet-basic"
+    elif depth in IMAGENET_BOTTLENECK_DEPTHS:
+        family = "imagenet-bottleneck"
+    elif depth >= 10 and (depth - 4) % 6 == 0:
+        family = "cifar"
+    else:
+        raise UnknownModelError(
+            f"model {name!r}: depth {depth} is not valid; CIFAR/SVHN depths are 6n+4: "
+            f"{CIFAR_DEPTHS_SHOWN}; ImageNet depths are 18, 34 (basic) and 50, 101 (bottleneck)"
+        )
+    return ModelInfo(name=name, family=family, depth=depth, width=width)
+
+
+def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """Build a network by its paper name; ``dropout`` applies to the CIFAR/SVHN family."""
+    info = parse_name(name)
+    if info.family == "cifar":
+        from wrn_cluster.models.wrn import WideResNet
+
+        return WideResNet(info.depth, info.width, num_classes, dropout=dropout)
+    from wrn_cluster.models import imagenet
+
+    if dropout:
+        raise ValueError(f"{name}: dropout is only defined for the CIFAR/SVHN family")
+    if info.family == "imagenet-basic":
+        return imagenet.basic_wrn(info.depth, info.width, num_classes)
+    return imagenet.bottleneck_wrn(info.depth, info.width, num_classes)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_gmacs(model: nn.Module, image_size: int) -> float:
+    """Multiply-accumulates per image, in billions, counted by torch.utils.flop_counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def describe(name: str, num_classes: int, image_size: int | None = None) -> dict:
+    info = parse_name(name)
+    size = image_size or info.default_image_size
+    model = build_model(name, num_classes)
+    return {
+        "name": name,
+        "family": info.family,
+        "depth": info.depth,
+        "width": info.width,
+        "num_classes": num_classes,
+        "params": count_params(model),
+        "image_size": size,
+        "gmacs": round(measure_gmacs(model, size), 4),
+        "default_image_size": info.default_image_size,
+    }
