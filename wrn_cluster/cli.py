@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The paper's networks, by name.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Datasets: write and check them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -107,6 +109,130 @@ def models_info(
         return
     for key, value in info.items():
         out.print(f"{key:>18}: {value:,}" if isinstance(value, int) else f"{key:>18}: {value}")
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="Job spec YAML.")],
+    address: Annotated[
+        str | None, typer.Option(help="Ray dashboard address (default: RAY_ADDRESS).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Job name (default: the spec's).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: a.b=value.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the logs.")] = True,
+) -> None:
+    """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
+    from wrn_cluster import launcher
+
+    overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
+    spec = load_spec(file, overrides)
+    address = launcher.cluster_address(address)
+    try:
+        if address:
+            code = launcher.submit_remote(spec, address, wait, out.print)
+        else:
+            code = launcher.run_local(spec, out.print)
+    except launcher.LaunchError as error:
+        raise fail(str(error)) from None
+    raise typer.Exit(code)
+
+
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray dashboard address (default: RAY_ADDRESS).")
+]
+
+
+def _address(address: str | None) -> str:
+    from wrn_cluster import launcher
+
+    found = launcher.cluster_address(address)
+    if not found:
+        raise fail("no cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    return found
+
+
+@app.command()
+def status(job_id: str, address: AddressOption = None) -> None:
+    """A job's status."""
+    from wrn_cluster import launcher
+
+    try:
+        info = launcher.job_info(_address(address), job_id)
+    except launcher.LaunchError as error:
+        raise fail(str(error)) from None
+    out.print(
+        f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else "")
+    )
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: AddressOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
+) -> None:
+    """A job's driver output."""
+    from wrn_cluster import launcher
+
+    try:
+        if follow:
+            raise typer.Exit(launcher.follow(_address(address), job_id, sys.stdout.write))
+        sys.stdout.write(launcher.job_logs(_address(address), job_id))
+    except launcher.LaunchError as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def stop(job_id: str, address: AddressOption = None) -> None:
+    """Stop a running job; its checkpoints stay, and resubmitting resumes from them."""
+    from wrn_cluster import launcher
+
+    try:
+        stopped = launcher.stop_job(_address(address), job_id)
+    except launcher.LaunchError as error:
+        raise fail(str(error)) from None
+    out.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@app.command("list")
+def list_(address: AddressOption = None) -> None:
+    """Jobs on the cluster."""
+    from wrn_cluster import launcher
+
+    try:
+        jobs = launcher.list_jobs(_address(address))
+    except launcher.LaunchError as error:
+        raise fail(str(error)) from None
+    table = Table("job id", "name", "status")
+    for job in jobs:
+        table.add_row(job["job_id"], job["name"], job["status"])
+    out.print(table)
+
+
+@data_app.command("synth-imagefolder")
+def data_synth_imagefolder(
+    dest: Annotated[str, typer.Argument(help="Folder URL: a path, file:// or s3://bucket/prefix.")],
+    classes: Annotated[int, typer.Option(min=2, help="Number of classes.")] = 4,
+    per_class: Annotated[int, typer.Option(min=2, help="Images per class, both splits.")] = 64,
+    size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 40,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of each class held out in val/.")
+    ] = 0.25,
+    seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+) -> None:
+    """Write learnable synthetic JPEGs as DEST/train/<class>/*.jpg and DEST/val/<class>/*.jpg."""
+    from wrn_cluster.data.synthetic import write_imagefolder
+
+    try:
+        counts = write_imagefolder(dest, classes, per_class, size, val_fraction, seed)
+    except (ValueError, OSError) as error:
+        raise fail(f"{dest}: {error}") from None
+    out.print(
+        f"{dest}: wrote {counts['train']} train and {counts['val']} val JPEGs "
+        f"({counts['classes']} classes, {size}x{size})"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""End to end through the Ray Jobs API against a real `ray start --head` cluster with its
+dashboard: submit, follow, status, list, logs, stop, and resume by resubmitting the name."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.datasets import write_digits_imagefolder
+from tests.test_training import digits_job
+from tests.util import free_port, wait_until
+from wrn_cluster.train import checkpoint
+
+pytestmark = pytest.mark.slow
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray")
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    start = [
+        f"{VENV_BIN}/ray", "start", "--head", f"--port={port}", "--num-cpus=4",
+        "--object-store-memory=134217728", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_until(lambda: _get(f"{address}/api/version") is not None, timeout=60)
+        yield address
+    finally:
+        subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env, capture_output=True)
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.loads(reply.read())
+    except OSError:
+        return None
+
+
+def cli(*args, address, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "wrn_cluster.cli", *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
+    data_root = tmp_path / "digits"
+    write_digits_imagefolder(data_root, size=16)
+    storage = tmp_path / "runs"
+    job = digits_job(data_root, storage, name="jobs-api", schedule={"epochs": 6})
+    job["data"]["batch_size"] = 32  # slower epochs, so the stop lands mid-run
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+
+    first = cli("submit", str(spec_file), "--no-wait", address=cluster)
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.split("job ")[1].split()[0]
+    assert f"{cluster}/#/jobs/{job_id}" in first.stdout
+
+    run_dir = storage / "jobs-api"
+    wait_until(lambda: list(run_dir.glob("checkpoint_*/state.pt")), timeout=240)
+    assert "RUNNING" in cli("status", job_id, address=cluster).stdout
+    # The dashboard's Train view has the run with its workers.
+    runs = _get(f"{cluster}/api/train/v2/runs/v1")["train_runs"]
+    assert any(run["name"] == "jobs-api" and run["attempts"] for run in runs)
+
+    stopped = cli("stop", job_id, address=cluster)
+    assert stopped.returncode == 0 and "stop requested" in stopped.stdout
+    wait_until(lambda: "STOPPED" in cli("status", job_id, address=cluster).stdout, timeout=60)
+    done_before = _newest(run_dir)["epoch"]
+    assert done_before < 6
+
+    second = cli("submit", str(spec_file), address=cluster, timeout=400)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "epoch 6/6" in second.stdout  # the followed logs show progress lines
+    state = _newest(run_dir)
+    assert state["epoch"] == 6 and state["resumes"] == [done_before]
+    assert f"epoch {done_before}/6" not in second.stdout  # epochs already done are not redone
+
+    listed = cli("list", address=cluster)
+    assert job_id in listed.stdout and "STOPPED" in listed.stdout and "SUCCEEDED" in listed.stdout
+    logs = cli("logs", job_id, address=cluster)
+    assert "epoch 1/6" in logs.stdout
+
+
+def test_unknown_job_and_unreachable_cluster_are_one_message(cluster):
+    missing = cli("status", "no-such-job", address=cluster)
+    assert missing.returncode == 1
+    assert "no job 'no-such-job'" in missing.stderr and "Traceback" not in missing.stderr
+    down = cli("list", address=f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 1
+    assert "cannot reach the Ray Jobs API" in down.stderr and "Traceback" not in down.stderr
+
+
+def _newest(run_dir: Path) -> dict:
+    newest = max(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return torch.load(newest / checkpoint.STATE_FILE, weights_only=True)
+

@@ -1,0 +1,194 @@
+"""Classification training on a real local Ray: learning, exact resume after a lost worker,
+bad input. The Jobs API path is in test_jobs_api.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.datasets import write_digits_imagefolder
+from wrn_cluster import driver
+from wrn_cluster.spec import parse
+from wrn_cluster.train import checkpoint
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits_job(data_url, storage, name="digits", **sections) -> dict:
+    job = {
+        "kind": "classify",
+        "name": name,
+        "seed": 7,
+        "model": {"arch": "wrn-10-2"},
+        "data": {
+            "dataset": "imagefolder",
+            "url": str(data_url),
+            "image_size": 16,
+            "eval_resize": 16,
+            "batch_size": 64,
+            "loader_workers": 0,
+            "augment": False,
+        },
+        "optimizer": {"lr": 0.05, "weight_decay": 5e-4},
+        "schedule": {"epochs": 8, "type": "cosine", "warmup_epochs": 1},
+        "scaling": {"workers": 2},
+        "checkpoint": {"storage": str(storage), "every_epochs": 1, "keep": 2},
+        "tracking": {"enabled": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            job[section] = {**job.get(section, {}), **values}
+        else:
+            job[section] = values
+    return job
+
+
+def as_spec(job: dict):
+    return parse(yaml.safe_dump(job), "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_imagefolder(root, size=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def final_state(storage: Path, name: str) -> dict:
+    newest = max((storage / name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return torch.load(newest / checkpoint.STATE_FILE, weights_only=True)
+
+
+def test_wrn_learns_sklearn_digits_with_two_workers(digits, tmp_path, local_ray):
+    spec = as_spec(digits_job(digits, tmp_path))
+    driver.prepare(spec)
+    result = driver.run(spec)
+    assert result.metrics["epoch"] == 8
+    assert result.metrics["val_top1"] >= 0.95, result.metrics
+    # Every validation image counted exactly once across the two workers.
+    state = final_state(tmp_path, "digits")
+    assert state["epoch"] == 8 and state["resumes"] == []
+    assert len(list((tmp_path / "digits").glob("checkpoint_*"))) == 2  # keep: 2
+
+
+def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
+    digits, tmp_path, local_ray
+):
+    deterministic = {"precision": {"dtype": "fp32"}, "schedule": {"epochs": 5}}
+    reference = as_spec(digits_job(digits, tmp_path / "ref", name="ref", **deterministic))
+    driver.run(reference)
+
+    job = digits_job(
+        digits, tmp_path / "faulty", name="faulty", checkpoint={"max_failures": 2}, **deterministic
+    )
+    job["checkpoint"]["storage"] = str(tmp_path / "faulty")
+    spec_file = tmp_path / "faulty.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    )
+    try:
+        killed = _kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert killed, output
+    assert proc.returncode == 0, output
+
+    resumed, uninterrupted = final_state(tmp_path / "faulty", "faulty"), final_state(
+        tmp_path / "ref", "ref"
+    )
+    assert len(resumed["resumes"]) == 1 and 1 <= resumed["resumes"][0] < 5, resumed["resumes"]
+    assert resumed["epoch"] == uninterrupted["epoch"] == 5
+    for key, tensor in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(run_dir.glob("checkpoint_*/state.pt")):
+            for p in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in p.info["cmdline"] or []):
+                    os.kill(p.pid, signal.SIGKILL)
+                    return True
+        time.sleep(0.2)
+    return False
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, local_ray):
+    data_root = tmp_path / "data"
+    write_digits_imagefolder(data_root, size=16)
+    victim = sorted((data_root / "train").glob("*/*.jpg"))[0]
+    victim.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    spec = as_spec(digits_job(data_root, tmp_path / "runs", name="corrupt", schedule={"epochs": 1}))
+    driver.prepare(spec)
+    result = driver.run(spec)
+    assert result.metrics["skipped_images"] == 1
+
+
+def test_impossible_resources_fail_within_seconds(digits, tmp_path, local_ray):
+    spec = as_spec(digits_job(digits, tmp_path, scaling={"workers": 16, "cpus_per_worker": 2}))
+    started = time.monotonic()
+    with pytest.raises(driver.JobError) as caught:
+        driver.run(spec)
+    assert time.monotonic() - started < 10
+    assert str(caught.value) == (
+        "job 'digits' asks for 32 CPU (16 workers x 2 CPU), but the cluster has 4 CPU; lower "
+        "scaling.workers, scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"
+    )
+
+
+def _submit(tmp_path, job) -> subprocess.CompletedProcess:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    return subprocess.run(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_missing_data_url_is_one_message_before_ray_starts(tmp_path):
+    missing = tmp_path / "nowhere"
+    run = _submit(tmp_path, digits_job(missing, tmp_path / "runs"))
+    assert run.returncode == 1
+    assert str(missing) in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    assert "embedded local Ray" not in run.stdout  # failed before starting Ray
+
+
+def test_empty_class_folder_is_one_message(tmp_path, digits):
+    import shutil
+
+    data_root = tmp_path / "data"
+    shutil.copytree(digits, data_root)
+    empty = data_root / "train" / "7"
+    for image in empty.iterdir():
+        image.unlink()
+    run = _submit(tmp_path, digits_job(data_root, tmp_path / "runs"))
+    assert run.returncode == 1
+    assert str(empty) in run.stderr or "7" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout

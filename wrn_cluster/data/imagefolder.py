@@ -1,0 +1,186 @@
+"""ImageNet-style folders, local or on S3: ``<url>/train/<class>/*.jpg``, ``<url>/val/<class>/*``.
+
+Classes are the sorted folder names of train/; val/ uses the same list. Listing is one recursive
+listing per split (one paged LIST on S3), so checking a dataset decodes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wrn_cluster.data import DataError
+from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.data.transforms import (
+    RRC_RATIO,
+    RRC_SCALE,
+    RandomResizedCropFlip,
+    decode,
+    item_generator,
+    resize_center_crop,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+LAYOUT = "train/<class>/*.jpg and val/<class>/*.jpg"
+
+
+@dataclass
+class SplitIndex:
+    """The images of one split: paths relative to the split folder, and their class labels."""
+
+    paths: np.ndarray  # fixed-width bytes, so DataLoader workers share it without refcount copies
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _subfolders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    names = []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "directory" and not name.startswith("."):
+            names.append(name)
+    return sorted(names)
+
+
+def _scan_split(
+    fs: fsspec.AbstractFileSystem, url: str, root: str, split: str, classes: list[str] | None
+) -> tuple[list[str], SplitIndex]:
+    split_root = join(root, split)
+    if not fs.isdir(split_root):
+        raise DataError(
+            f"{url}: no {split}/ folder; an imagefolder dataset holds {LAYOUT}, so add "
+            f"{split}/ with one subfolder of images per class"
+        )
+    folders = _subfolders(fs, split_root)
+    if classes is None:
+        classes = folders
+        if not classes:
+            raise DataError(
+                f"{url}/{split}: no class folders; put each class's images in its own "
+                f"subfolder, e.g. {split}/cat/0001.jpg"
+            )
+    else:
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{url}/{split}/{unknown[0]}: class {unknown[0]!r} is not in train/; "
+                f"{split}/ must use train/'s class folders ({len(unknown)} unknown)"
+            )
+    label_of = {name: label for label, name in enumerate(classes)}
+    prefix = split_root.rstrip("/") + "/"
+    paths: list[str] = []
+    labels: list[int] = []
+    for path in sorted(fs.find(split_root, withdirs=False, detail=False)):
+        relative = path[len(prefix) :] if path.startswith(prefix) else path
+        folder, _, rest = relative.partition("/")
+        if rest and folder in label_of and relative.lower().endswith(IMAGE_EXTENSIONS):
+            paths.append(relative)
+            labels.append(label_of[folder])
+    found = set(labels)
+    for name in folders:
+        if label_of[name] not in found:
+            raise DataError(
+                f"{url}/{split}/{name}: no {', '.join(IMAGE_EXTENSIONS)} images in this class "
+                "folder; add images or remove the folder"
+            )
+    index = SplitIndex(np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64))
+    return classes, index
+
+
+def scan(url: str) -> tuple[list[str], SplitIndex, SplitIndex]:
+    """(class names, train index, val index); raises DataError naming what is missing."""
+    fs, root = filesystem(url)
+    if not fs.exists(root):
+        raise DataError(
+            f"{url}: no such dataset folder; set data.url to a folder holding {LAYOUT}, "
+            "or add data.synthesize to write a synthetic dataset there"
+        )
+    classes, train = _scan_split(fs, url, root, "train", None)
+    _, val = _scan_split(fs, url, root, "val", classes)
+    return classes, train, val
+
+
+def is_missing_or_empty(url: str) -> bool:
+    fs, root = filesystem(url)
+    return not fs.exists(root) or not fs.ls(root)
+
+
+class ImageFolder(Dataset):
+    """(uint8 [3, size, size], label) items; an unreadable image gives (zeros, -1)."""
+
+    def __init__(
+        self,
+        url: str,
+        split: str,
+        index: SplitIndex,
+        size: int,
+        eval_resize: int,
+        augment: bool,
+        seed: int,
+    ) -> None:
+        self.url = url
+        self.split = split
+        self.index = index
+        self.size = size
+        self.eval_resize = eval_resize
+        self.augment = RandomResizedCropFlip(size) if augment else None
+        self.seed = seed
+        self.epoch = 0
+        self._fs, root = filesystem(url)
+        self._fs_pid = os.getpid()
+        self.split_root = join(root, split)
+        # Decode JPEGs at reduced scale when even the smallest crop keeps `size` pixels.
+        smallest_crop_fraction = math.sqrt(RRC_SCALE[0] * RRC_RATIO[0])
+        self.min_side = math.ceil(size / smallest_crop_fraction) if augment else eval_resize
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # Each process (forked or spawned DataLoader worker, Ray worker) opens its own filesystem:
+        # s3fs clients and their event loop do not survive a fork.
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = filesystem(self.url)[0], os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = join(self.split_root, self.index.paths[index].decode())
+        try:
+            image = decode(self.fs.cat_file(path), self.min_side)
+            if self.augment is not None:
+                image = self.augment(image, item_generator(self.seed, self.epoch, index))
+            else:
+                image = resize_center_crop(image, self.eval_resize, self.size)
+        except Exception as error:  # a bad file must not stop a long run; the loop counts it
+            log.warning("skipping unreadable image %s: %s", path, error)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+        return image, int(self.index.labels[index])
+
+
+def build(
+    url: str, size: int, eval_resize: int, augment: bool, seed: int
+) -> tuple[ImageFolder, ImageFolder, list[str]]:
+    classes, train, val = scan(url)
+    return (
+        ImageFolder(url, "train", train, size, eval_resize, augment, seed),
+        ImageFolder(url, "val", val, size, eval_resize, False, seed),
+        classes,
+    )

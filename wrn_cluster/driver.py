@@ -1,0 +1,146 @@
+"""Builds the Ray Train trainer for a spec and runs it; also the Jobs API entrypoint.
+
+`python -m wrn_cluster.driver SPEC.yaml` is what the launcher submits to a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from wrn_cluster import data
+from wrn_cluster.data import storage
+from wrn_cluster.spec import ClassifyJob, SpecError, load
+
+
+class JobError(Exception):
+    """A job that cannot run or did not finish; the message says why and what to do."""
+
+
+class ProgressPrinter(UserCallback):
+    """One readable line per epoch; runs in the Train controller, whose output Ray forwards."""
+
+    def __init__(self, job_name: str, epochs: int) -> None:
+        self.job_name, self.epochs = job_name, epochs
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = metrics[0]
+        saved = f"  checkpoint -> {checkpoint.path}" if checkpoint else ""
+        print(
+            f"[{self.job_name}] epoch {m['epoch']}/{self.epochs}  "
+            f"train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}  "
+            f"val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}  "
+            f"lr {m['lr']:.4g}  {m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s"
+            f"{saved}",
+            flush=True,
+        )
+
+
+def check_resources(spec: ClassifyJob) -> None:
+    """Fail in seconds, not hang, when the cluster cannot hold the job's workers."""
+    scaling = spec.scaling
+    asked = {"CPU": scaling.workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        asked["GPU"] = scaling.workers * scaling.gpus_per_worker
+    have = ray.cluster_resources()
+    short = {k: v for k, v in asked.items() if v > have.get(k, 0)}
+    if short:
+        wanted = ", ".join(f"{v:g} {k}" for k, v in asked.items())
+        exists = ", ".join(f"{have.get(k, 0):g} {k}" for k in asked)
+        raise JobError(
+            f"job {spec.name!r} asks for {wanted} ({scaling.workers} workers x "
+            f"{scaling.cpus_per_worker:g} CPU"
+            + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else "")
+            + f"), but the cluster has {exists}; lower scaling.workers, "
+            "scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"
+        )
+
+
+def build_trainer(spec: ClassifyJob, callbacks: list | None = None) -> TorchTrainer:
+    from wrn_cluster.train.loop import train_classifier
+
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
+    return TorchTrainer(
+        train_classifier,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def prepare(spec: ClassifyJob) -> None:
+    """Everything that can fail before Ray starts: the kind, the data (written if synthetic)."""
+    if spec.kind != "classify":
+        raise JobError(f"job {spec.name!r}: kind {spec.kind!r} is not supported yet")
+    try:
+        data.prepare(spec)
+    except data.DataError as error:
+        raise JobError(str(error)) from None
+
+
+def run(spec: ClassifyJob) -> ray.train.Result:
+    """Train a prepared job on the Ray cluster this process is connected to."""
+    check_resources(spec)
+    # The dashboard's Train view shows runs only when the trainer records their state.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    trainer = build_trainer(spec, [ProgressPrinter(spec.name, spec.schedule.epochs)])
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise JobError(f"job {spec.name!r} failed: {_root_cause(error)}") from None
+    if result.checkpoint is not None:
+        print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
+    return result
+
+
+def _root_cause(error: BaseException) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        first = failures[min(failures)]
+        cause = getattr(first, "cause", None) or first
+        return f"{type(cause).__name__}: {cause}".strip()
+    return str(error).splitlines()[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m wrn_cluster.driver SPEC.yaml", file=sys.stderr)
+        return 2
+    try:
+        spec = load(args[0])
+    except SpecError as error:
+        print(error, file=sys.stderr)
+        return 1
+    try:
+        prepare(spec)
+        ray.init()
+        run(spec)
+    except JobError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

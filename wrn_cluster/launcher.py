@@ -1,0 +1,176 @@
+"""Where a job runs: an embedded local Ray in this process, or a cluster's Ray Jobs API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, to_yaml
+
+Spec = ClassifyJob | DetectJob | TuneJob
+PACKAGE_DIR = Path(__file__).resolve().parent
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Configuration (never credentials) a job on the cluster needs from the submitting shell.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+class LaunchError(Exception):
+    """The job cannot start or did not finish; the message says what to check."""
+
+
+def cluster_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def dashboard_url(address: str) -> str:
+    return address if address.startswith("http") else f"http://{address}"
+
+
+def run_local(spec: Spec, say: Callable[[str], None]) -> int:
+    """Start an embedded Ray, run the job's driver here, print what a cluster run prints."""
+    import ray
+
+    from wrn_cluster import driver
+
+    job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        driver.prepare(spec)
+    except driver.JobError as error:
+        raise LaunchError(str(error)) from None
+    context = ray.init(
+        num_cpus=int(os.environ.get("WRN_CLUSTER_LOCAL_CPUS", max(4, os.cpu_count() or 1))),
+        object_store_memory=256 * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+    url = context.dashboard_url
+    say(f"job {job_id} on an embedded local Ray")
+    if url:
+        say(f"dashboard: {dashboard_url(url)}  (Jobs and Train views)")
+    say(f"checkpoints: {spec.checkpoint.storage_url()}/{spec.name}")
+    try:
+        driver.run(spec)
+    except driver.JobError as error:
+        raise LaunchError(str(error)) from None
+    finally:
+        ray.shutdown()
+    say(f"job {job_id} succeeded")
+    return 0
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(dashboard_url(address))
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise LaunchError(
+            f"cannot reach the Ray Jobs API at {dashboard_url(address)} ({error}); check "
+            "--address / RAY_ADDRESS (the dashboard, port 8265) and that the cluster is up"
+        ) from None
+
+
+def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], None]) -> int:
+    """Ship the package and the resolved spec to the cluster and run the driver there."""
+    client = _client(address)
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    with tempfile.TemporaryDirectory() as workdir:
+        Path(workdir, "spec.yaml").write_text(to_yaml(spec))
+        job_id = client.submit_job(
+            entrypoint="python -m wrn_cluster.driver spec.yaml",
+            submission_id=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            runtime_env={
+                "working_dir": workdir,
+                "py_modules": [str(PACKAGE_DIR)],
+                "env_vars": env_vars,
+                "excludes": ["__pycache__"],
+            },
+            metadata={"job_name": spec.name, "kind": spec.kind},
+        )
+    say(f"job {job_id} submitted")
+    say(f"dashboard: {dashboard_url(address)}/#/jobs/{job_id}")
+    if not wait:
+        return 0
+    return follow(address, job_id, sys.stdout.write)
+
+
+def follow(address: str, job_id: str, write: Callable[[str], object]) -> int:
+    """Stream a job's logs until it ends; the exit code is the job's outcome."""
+    client = _client(address)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            write(lines)
+
+    asyncio.run(tail())
+    status = wait_for_end(client, job_id)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_for_end(client, job_id: str, timeout_s: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    status = str(client.get_job_status(job_id))
+    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = str(client.get_job_status(job_id))
+    return status.split(".")[-1]
+
+
+def job_info(address: str, job_id: str) -> dict:
+    info = _get(address, job_id)
+    return {
+        "job_id": info.submission_id,
+        "status": str(info.status).split(".")[-1],
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "metadata": info.metadata,
+    }
+
+
+def _get(address: str, job_id: str):
+    client = _client(address)
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError:
+        raise LaunchError(
+            f"no job {job_id!r} on {dashboard_url(address)}; `wrn-cluster list` shows the jobs"
+        ) from None
+
+
+def job_logs(address: str, job_id: str) -> str:
+    _get(address, job_id)
+    return _client(address).get_job_logs(job_id)
+
+
+def stop_job(address: str, job_id: str) -> bool:
+    _get(address, job_id)
+    return _client(address).stop_job(job_id)
+
+
+def list_jobs(address: str) -> list[dict]:
+    jobs = _client(address).list_jobs()
+    return [
+        {
+            "job_id": j.submission_id or j.job_id,
+            "status": str(j.status).split(".")[-1],
+            "name": (j.metadata or {}).get("job_name", ""),
+            "start_time": j.start_time,
+        }
+        for j in sorted(jobs, key=lambda j: j.start_time or 0)
+    ]

@@ -1,0 +1,1 @@
+"""Training: the per-worker loops, their checkpoint state, optimizer and schedule."""
