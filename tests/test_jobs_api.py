@@ -108,6 +108,5 @@ def test_unknown_job_and_unreachable_cluster_are_one_message(cluster):
 
 
 def _newest(run_dir: Path) -> dict:
-    newest = max(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-    return torch.load(newest / checkpoint.STATE_FILE, weights_only=True)
-
+    newest = max(run_dir.glob(f"checkpoint_*/{checkpoint.STATE_FILE}"))
+    return torch.load(newest, weights_only=True)

@@ -5,13 +5,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from wrn_cluster import data
@@ -84,6 +90,8 @@ def build_trainer(spec: ClassifyJob, callbacks: list | None = None) -> TorchTrai
             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             callbacks=callbacks,
+            # Our progress line says per epoch what Ray Train's INFO lines say per report.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -101,8 +109,6 @@ def prepare(spec: ClassifyJob) -> None:
 def run(spec: ClassifyJob) -> ray.train.Result:
     """Train a prepared job on the Ray cluster this process is connected to."""
     check_resources(spec)
-    # The dashboard's Train view shows runs only when the trainer records their state.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = build_trainer(spec, [ProgressPrinter(spec.name, spec.schedule.epochs)])
     try:
         result = trainer.fit()

@@ -26,6 +26,9 @@ FORWARDED_ENV = (
 )
 
 
+TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+
+
 class LaunchError(Exception):
     """The job cannot start or did not finish; the message says what to check."""
 
@@ -49,6 +52,8 @@ def run_local(spec: Spec, say: Callable[[str], None]) -> int:
         driver.prepare(spec)
     except driver.JobError as error:
         raise LaunchError(str(error)) from None
+    # The dashboard's Train view lists runs only when the trainer records their state.
+    os.environ.setdefault(TRAIN_STATE_TRACKING, "1")
     context = ray.init(
         num_cpus=int(os.environ.get("WRN_CLUSTER_LOCAL_CPUS", max(4, os.cpu_count() or 1))),
         object_store_memory=256 * 1024**2,
@@ -88,6 +93,7 @@ def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], Non
     """Ship the package and the resolved spec to the cluster and run the driver there."""
     client = _client(address)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env_vars[TRAIN_STATE_TRACKING] = "1"
     with tempfile.TemporaryDirectory() as workdir:
         Path(workdir, "spec.yaml").write_text(to_yaml(spec))
         job_id = client.submit_job(

@@ -37,6 +37,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def absolute_if_local(url: str | None) -> str | None:
+    """Relative local paths mean 'from where I ran the command', also inside Ray workers,
+    whose working directory is not the user's."""
+    if url is None or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 # Fixed-size datasets and what they hold; imagefolder takes its classes from the folders.
 DATASET_FACTS: dict[str, dict[str, Any]] = {
     "cifar10": {"num_classes": 10, "image_size": 32},
@@ -93,6 +101,8 @@ class DataSection(Section):
     synthesize: SynthSection | None = Field(
         None, description="Write synthetic JPEGs to url on first run (imagefolder only)."
     )
+
+    _absolute_url = field_validator("url")(absolute_if_local)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.dataset in ("cifar10", "cifar100"):
@@ -156,6 +166,8 @@ class CheckpointSection(Section):
     every_epochs: int = Field(1, ge=1)
     keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
+
+    _absolute_storage = field_validator("storage")(absolute_if_local)
 
     def storage_url(self) -> str:
         return self.storage or str(home() / "runs")
@@ -273,6 +285,8 @@ class DetectData(Section):
     min_size: int = Field(800, ge=32)
     max_size: int = Field(1333, ge=32)
     loader_workers: int = Field(2, ge=0)
+
+    _absolute_url = field_validator("url")(absolute_if_local)
 
 
 class DetectJob(JobBase):

@@ -17,24 +17,30 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    """This process's random streams as plain Python values (bytes, ints), which both
+    torch.distributed's object gather and torch.load(weights_only=True) accept."""
+    kind, keys, *rest = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch.get_rng_state().numpy().tobytes(),
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "numpy": (kind, keys.tolist(), *rest),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:

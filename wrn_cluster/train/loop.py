@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from typing import Any
@@ -22,6 +23,8 @@ from wrn_cluster.train import checkpoint, optim, precision
 
 def train_classifier(config: dict[str, Any]) -> None:
     spec = ClassifyJob.model_validate(config["spec"])
+    # The driver prints one line per epoch; Ray Train's per-report INFO lines would repeat it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
