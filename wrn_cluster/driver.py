@@ -81,7 +81,10 @@ def build_trainer(spec: ClassifyJob, callbacks: list | None = None) -> TorchTrai
         train_loop_config={"spec": spec.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=spec.name,

@@ -157,6 +157,9 @@ class ScalingSection(Section):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, ge=0.0)
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: SPREAD puts them on different nodes."
+    )
 
 
 class CheckpointSection(Section):
