@@ -1,6 +1,11 @@
 """Shared service fixtures: each starts a real server on a free port and stops it afterwards."""
 
+import os
+
 import pytest
+
+# Test clusters run without Ray token auth; a shell that exports a mode keeps it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +18,47 @@ def s3_server():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+# Test-only S3 credentials for moto; distinctive, so tests can grep for leaks.
+S3_KEY_ID = "wrnclustertestkeyid"
+S3_SECRET = "wrn-cluster-test-secret-5f1c2a"
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """Environment naming the moto endpoint and its test credentials, with the buckets made."""
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL_S3": s3_server,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    fs = s3fs.S3FileSystem(key=S3_KEY_ID, secret=S3_SECRET, endpoint_url=s3_server)
+    for bucket in ("mlflow", "checkpoints"):
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_env):
+    """A real `mlflow server` on PostgreSQL with artifacts in moto's S3."""
+    from tests.services import MlflowServer, Postgres
+
+    root = tmp_path_factory.mktemp("mlflow")
+    postgres = Postgres()
+    try:
+        backend = postgres.create_database("mlflow")
+        server = MlflowServer(
+            backend, "s3://mlflow/artifacts", {**os.environ, **s3_env}, root / "mlflow.log"
+        )
+        try:
+            yield server
+        finally:
+            server.kill()
+    finally:
+        postgres.stop()

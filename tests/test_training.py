@@ -136,8 +136,8 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
     while not workers and time.monotonic() < deadline and proc.poll() is None:
         workers = [
             p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
+            for p in psutil.Process(proc.pid).children(recursive=True)  # this job's Ray only
+            if any("RayTrainWorker" in part for part in _cmdline(p))
         ]
         time.sleep(0.2)
     while workers and time.monotonic() < deadline and proc.poll() is None:
@@ -148,12 +148,23 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
     return False
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone, or a zombie, meanwhile
+        return []
+
+
 def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, local_ray):
     data_root = tmp_path / "data"
     write_digits_imagefolder(data_root, size=16)
     victim = sorted((data_root / "train").glob("*/*.jpg"))[0]
     victim.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    spec = as_spec(digits_job(data_root, tmp_path / "runs", name="corrupt", schedule={"epochs": 1}))
+    spec = as_spec(
+        digits_job(
+            data_root, tmp_path / "runs", name="corrupt", schedule={"epochs": 1, "warmup_epochs": 0}
+        )
+    )
     driver.prepare(spec)
     result = driver.run(spec)
     assert result.metrics["skipped_images"] == 1

@@ -235,6 +235,56 @@ def data_synth_imagefolder(
     )
 
 
+@app.command()
+def pull(
+    model_uri: Annotated[str, typer.Argument(help="e.g. models:/wrn50_2_imagenet@champion")],
+    dst: Annotated[Path, typer.Option(help="Empty or new folder to download into.")],
+) -> None:
+    """Download a registered model from MLflow (MLFLOW_TRACKING_URI, else the embedded store)."""
+    from wrn_cluster import tracking
+
+    try:
+        info = tracking.pull(model_uri, dst)
+    except FileExistsError as error:
+        raise fail(str(error)) from None
+    except Exception as error:  # MLflow's errors for unknown names, aliases, servers
+        raise fail(
+            f"cannot pull {model_uri} from {tracking.tracking_uri()}: {_first_line(error)}"
+        ) from None
+    out.print(f"pulled {model_uri} -> {info['path']}")
+    if "version" in info:
+        out.print(f"  {info['name']} version {info['version']} (aliases: {info['aliases']})")
+        out.print(f"  from run {info['run_id']}: {info['source']}")
+        for key in sorted(info["tags"]):
+            out.print(f"  {key}: {info['tags'][key]}")
+
+
+@app.command()
+def predict(
+    model_uri: Annotated[str, typer.Argument(help="e.g. models:/wrn_quickstart@champion")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 5,
+) -> None:
+    """Top classes for each image, with the model's own preprocessing."""
+    from wrn_cluster import tracking
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise fail(f"no such image: {', '.join(missing)}")
+    try:
+        results = tracking.predict(model_uri, images, top)
+    except Exception as error:  # unreadable images, unknown models, servers down
+        raise fail(f"cannot predict with {model_uri}: {_first_line(error)}") from None
+    for path, ranked in zip(images, results, strict=True):
+        out.print(f"{path}:")
+        for label, prob in ranked:
+            out.print(f"  {prob:7.2%}  {label}")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def main() -> None:
     app()
 

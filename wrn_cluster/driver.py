@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -20,8 +21,9 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from wrn_cluster import data
+from wrn_cluster import data, tracking
 from wrn_cluster.data import storage
+from wrn_cluster.launcher import DASHBOARD_ENV, JOB_ID_ENV
 from wrn_cluster.spec import ClassifyJob, SpecError, load
 
 
@@ -68,7 +70,9 @@ def check_resources(spec: ClassifyJob) -> None:
         )
 
 
-def build_trainer(spec: ClassifyJob, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(
+    spec: ClassifyJob, callbacks: list | None = None, tracking_context: dict | None = None
+) -> TorchTrainer:
     from wrn_cluster.train.loop import train_classifier
 
     scaling = spec.scaling
@@ -78,7 +82,7 @@ def build_trainer(spec: ClassifyJob, callbacks: list | None = None) -> TorchTrai
     storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
     return TorchTrainer(
         train_classifier,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "tracking": tracking_context},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,
@@ -109,13 +113,21 @@ def prepare(spec: ClassifyJob) -> None:
         raise JobError(str(error)) from None
 
 
-def run(spec: ClassifyJob) -> ray.train.Result:
+def run(
+    spec: ClassifyJob, job_id: str | None = None, dashboard_url: str | None = None
+) -> ray.train.Result:
     """Train a prepared job on the Ray cluster this process is connected to."""
     check_resources(spec)
-    trainer = build_trainer(spec, [ProgressPrinter(spec.name, spec.schedule.epochs)])
+    context = tracking.run_context(job_id, dashboard_url) if spec.tracking.enabled else None
+    if context:
+        print(f"[{spec.name}] MLflow: {context['tracking_uri']}", flush=True)
+    printer = ProgressPrinter(spec.name, spec.schedule.epochs)
+    trainer = build_trainer(spec, [printer], context)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
+        if context:
+            tracking.end_unfinished_run(spec, context, "FAILED")
         raise JobError(f"job {spec.name!r} failed: {_root_cause(error)}") from None
     if result.checkpoint is not None:
         print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(spec)
         ray.init()
-        run(spec)
+        run(spec, os.environ.get(JOB_ID_ENV), os.environ.get(DASHBOARD_ENV))
     except JobError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -27,6 +27,8 @@ FORWARDED_ENV = (
 
 
 TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+# Set for a submitted job's driver, so its MLflow run is tagged with where to watch it.
+JOB_ID_ENV, DASHBOARD_ENV = "WRN_CLUSTER_JOB_ID", "WRN_CLUSTER_DASHBOARD_URL"
 
 
 class LaunchError(Exception):
@@ -68,7 +70,7 @@ def run_local(spec: Spec, say: Callable[[str], None]) -> int:
         say(f"dashboard: {dashboard_url(url)}  (Jobs and Train views)")
     say(f"checkpoints: {spec.checkpoint.storage_url()}/{spec.name}")
     try:
-        driver.run(spec)
+        driver.run(spec, job_id, dashboard_url(url) if url else None)
     except driver.JobError as error:
         raise LaunchError(str(error)) from None
     finally:
@@ -94,11 +96,14 @@ def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], Non
     client = _client(address)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars[TRAIN_STATE_TRACKING] = "1"
+    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    env_vars[JOB_ID_ENV] = submission_id
+    env_vars[DASHBOARD_ENV] = f"{dashboard_url(address)}/#/jobs/{submission_id}"
     with tempfile.TemporaryDirectory() as workdir:
         Path(workdir, "spec.yaml").write_text(to_yaml(spec))
         job_id = client.submit_job(
             entrypoint="python -m wrn_cluster.driver spec.yaml",
-            submission_id=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            submission_id=submission_id,
             runtime_env={
                 "working_dir": workdir,
                 "py_modules": [str(PACKAGE_DIR)],

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from wrn_cluster import data
+from wrn_cluster import data, tracking
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob
 from wrn_cluster.train import checkpoint, optim, precision
@@ -72,6 +72,14 @@ def train_classifier(config: dict[str, Any]) -> None:
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"][rank])
         start_epoch, resumes = state["epoch"], [*state["resumes"], state["epoch"]]
+    tracker = None
+    if rank == 0 and config.get("tracking"):
+        # The run id travels in the checkpoint, so a restarted job continues its run.
+        run_id = state.get("mlflow_run_id") if state else None
+        tracker = tracking.RunTracker(spec, config["tracking"], run_id=run_id)
+
+    def lr_now() -> float:
+        return optimizer.param_groups[0]["lr"]
 
     def to_input(images: torch.Tensor) -> torch.Tensor:
         images = images.to(device, non_blocking=True).float().div_(255)
@@ -105,6 +113,9 @@ def train_classifier(config: dict[str, Any]) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+            step = scheduler.last_epoch
+            if tracker and last_micro and step % spec.tracking.log_every_steps == 0:
+                tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr_now()}, step)
             valid = labels >= 0
             totals += torch.stack(
                 [
@@ -124,12 +135,14 @@ def train_classifier(config: dict[str, Any]) -> None:
             "train_loss": totals[0].item() / seen,
             "train_top1": totals[1].item() / seen,
             **val,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr_now(),
             "images_per_sec": (totals[2].item() + totals[3].item()) / train_time,
             "epoch_time_s": time.perf_counter() - epoch_start,
             "skipped_images": int(totals[3].item() + val.pop("skipped_images")),
             "elapsed_s": time.perf_counter() - job_start,
         }
+        if tracker:
+            tracker.log_metrics(metrics, step=epoch + 1)
         last = epoch + 1 == spec.schedule.epochs
         if last or (epoch + 1) % spec.checkpoint.every_epochs == 0:
             rng = [checkpoint.rng_state()]
@@ -152,11 +165,17 @@ def train_classifier(config: dict[str, Any]) -> None:
                     "rng": rng,
                     "data_order": {"seed": spec.seed, "next_epoch": epoch + 1},
                     "resumes": resumes,
+                    "mlflow_run_id": tracker.run_id if tracker else None,
                     "metrics": metrics,
                 },
             )
         else:
             ray.train.report(metrics)
+
+    if tracker:
+        if start_epoch < spec.schedule.epochs:  # this attempt trained: ship what it made
+            tracker.ship_model(_unwrap(model), class_names, spec.image_size, metrics)
+        tracker.close()
 
 
 @torch.no_grad()

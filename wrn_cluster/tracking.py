@@ -1,0 +1,417 @@
+"""MLflow: the run of a job, its metrics, its model and the registry. The only module that
+imports mlflow; training calls it on rank 0 only."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from wrn_cluster.spec import ClassifyJob, flatten, home, to_yaml
+
+log = logging.getLogger(__name__)
+JOB_TAG = "wrn_cluster.job_name"
+MODEL_NAME = "model"
+# How many metric values wait for an unreachable server before the oldest are dropped.
+BUFFER_LIMIT = 100_000
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the embedded SQLite store under the project's home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def run_context(ray_job_id: str | None = None, dashboard_url: str | None = None) -> dict:
+    """What the driver knows and rank 0 tags the run with; no credentials."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        project_version = version("wrn-cluster")
+    except PackageNotFoundError:
+        project_version = "unknown"
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    return {
+        "tracking_uri": tracking_uri(),
+        "artifact_root": str(home() / "mlartifacts"),
+        "ray_job_id": ray_job_id,
+        "dashboard_url": dashboard_url,
+        "version": project_version,
+        "git_commit": commit or None,
+    }
+
+
+class MetricSender:
+    """Sends metrics from a background thread in batches; keeps them while the server is
+    unreachable (bounded), warns once, and sends them when it answers again."""
+
+    def __init__(self, client, run_id: str, retry_s: float = 2.0) -> None:
+        self.client, self.run_id, self.retry_s = client, run_id, retry_s
+        self.pending: collections.deque = collections.deque(maxlen=BUFFER_LIMIT)
+        self.dropped = 0
+        self.warned = False
+        self.lock = threading.Condition()
+        self.closing = False
+        self.deadline = float("inf")
+        self.thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self.lock:
+            for key, value in metrics.items():
+                if len(self.pending) == self.pending.maxlen:
+                    self.dropped += 1
+                self.pending.append(Metric(key, float(value), now, step))
+            self.lock.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending and not self.closing:
+                    self.lock.wait()
+                if not self.pending and self.closing:
+                    return
+                batch = [self.pending[i] for i in range(min(len(self.pending), 1000))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as error:  # any transport or server error: keep and retry
+                if not self.warned:
+                    self.warned = True
+                    warnings.warn(
+                        f"MLflow at {self.client.tracking_uri} is not answering ({error}); "
+                        "training goes on and metrics are kept until it is back",
+                        stacklevel=1,
+                    )
+                with self.lock:
+                    if self.closing and time.monotonic() > self.deadline:
+                        return
+                time.sleep(self.retry_s)
+                continue
+            with self.lock:
+                for _ in batch:
+                    self.pending.popleft()
+                if self.warned and not self.pending:
+                    log.warning("MLflow is back; buffered metrics sent")
+                    self.warned = False
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Flush what is left; return how many values could not be sent."""
+        with self.lock:
+            self.closing = True
+            self.deadline = time.monotonic() + timeout_s
+            self.lock.notify()
+        self.thread.join(timeout_s + self.retry_s + 5)
+        return len(self.pending) + self.dropped
+
+
+class RunTracker:
+    """One MLflow run per job: opened (or continued) by rank 0, closed at the end."""
+
+    def __init__(self, spec: ClassifyJob, context: dict, run_id: str | None = None) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        self.spec, self.context = spec, context
+        self.client = MlflowClient(context["tracking_uri"])
+        mlflow.set_tracking_uri(context["tracking_uri"])
+        experiment_id = self._experiment_id(spec.tracking.experiment)
+        run_id = run_id or self._unfinished_run(experiment_id)
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=spec.name, tags=self._tags())
+            self.run_id = run.info.run_id
+            self._log_spec()
+        self.sender = MetricSender(self.client, self.run_id)
+        self.system = self._start_system_metrics()
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        location = None
+        if self.context["tracking_uri"].startswith("sqlite:"):
+            location = Path(self.context["artifact_root"], name).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def _unfinished_run(self, experiment_id: str) -> str | None:
+        """A run of this job left RUNNING by an attempt that died before its first checkpoint."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`{JOB_TAG}` = '{self.spec.name}' and attributes.status = 'RUNNING'"
+            ),
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _tags(self) -> dict[str, str]:
+        tags = {
+            JOB_TAG: self.spec.name,
+            "wrn_cluster.kind": self.spec.kind,
+            "wrn_cluster.arch": self.spec.model.arch,
+            "wrn_cluster.dataset": self.spec.data.dataset,
+            "wrn_cluster.version": self.context.get("version"),
+            "ray.job_id": self.context.get("ray_job_id"),
+            "ray.dashboard_url": self.context.get("dashboard_url"),
+            "mlflow.source.git.commit": self.context.get("git_commit"),
+        }
+        return {k: str(v) for k, v in tags.items() if v}
+
+    def _log_spec(self) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(self.spec).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.client.log_text(self.run_id, to_yaml(self.spec), "spec.yaml")
+
+    def _start_system_metrics(self):
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=10, samples_before_logging=1
+            )
+            monitor.start()
+            return monitor
+        except Exception as error:  # optional: psutil/pynvml missing, or no server
+            log.warning("system metrics are off: %s", error)
+            return None
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Queue numeric metrics; returns at once, whatever the server's state."""
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        self.sender.add(numeric, step)
+
+    def ship_model(
+        self,
+        net,
+        class_names: list[str],
+        image_size: int,
+        metrics: dict[str, float],
+        wait_s: float = 180.0,
+    ) -> str | None:
+        """log_model, waiting out a tracking server that is down for a while; the weights are
+        in the checkpoint either way, so giving up only warns."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.log_model(net, class_names, image_size, metrics)
+            except Exception as error:  # server or store errors of any kind
+                if time.monotonic() > deadline:
+                    warnings.warn(
+                        f"could not log the model to MLflow ({error}); it stays in the "
+                        "job's last checkpoint",
+                        stacklevel=1,
+                    )
+                    return None
+                time.sleep(5)
+
+    def log_model(
+        self, net, class_names: list[str], image_size: int, metrics: dict[str, float]
+    ) -> str | None:
+        """Log the model (torch.export format, loadable without this package), register a
+        version, and move the alias to it only if it beats the version holding it."""
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        from wrn_cluster.data import eval_resize
+        from wrn_cluster.models import count_params, measure_gmacs
+        from wrn_cluster.models.serving import ServingClassifier
+
+        spec = self.spec
+        mean, std = spec.data.mean_std()
+        serving = ServingClassifier(net.float().cpu().eval(), mean, std).eval()
+        example = torch.rand(2, 3, image_size, image_size)
+        with torch.no_grad():
+            output = serving(example).numpy()
+        preprocessing = {
+            "input_size": image_size,
+            "resize": eval_resize(spec),
+            "mean": list(mean),
+            "std": list(std),
+            "input": "RGB float32 NCHW in [0, 1], resized then centre-cropped",
+        }
+        gmacs = measure_gmacs(net, image_size)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                serving,
+                name=MODEL_NAME,
+                signature=infer_signature(example.numpy().astype(np.float32), output),
+                input_example=example.numpy().astype(np.float32),
+                serialization_format="pt2",
+                metadata={"class_names": class_names, "preprocessing": preprocessing},
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mlflow"],
+            )
+        self.client.log_dict(
+            self.run_id, {"classes": class_names, **preprocessing}, "model_card.json"
+        )
+        name = spec.tracking.registered_model
+        if not name:
+            return None
+        version = mlflow.register_model(info.model_uri, name).version
+        tags = {
+            "dataset": spec.data.dataset,
+            "job_name": spec.name,
+            "arch": spec.model.arch,
+            "params": count_params(net),
+            "gmacs": round(gmacs, 4),
+            **{k: round(v, 6) for k, v in metrics.items() if k.startswith("val_")},
+        }
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+        self._promote(name, version, metrics)
+        return version
+
+    def _promote(self, name: str, version: str, metrics: dict[str, float]) -> None:
+        alias, metric = self.spec.tracking.alias, self.spec.tracking.promotion_metric
+        new = metrics.get(metric)
+        try:
+            holder = self.client.get_model_version_by_alias(name, alias)
+        except Exception:  # no version holds the alias yet
+            holder = None
+        old = float(holder.tags[metric]) if holder and metric in holder.tags else None
+        lower_is_better = metric.endswith("loss")
+        better = new is not None and (old is None or (new < old if lower_is_better else new > old))
+        if better:
+            self.client.set_registered_model_alias(name, alias, version)
+        decision = (
+            f"{'promoted' if better else 'kept'} {name}@{alias}: "
+            f"v{version} {metric}={new} vs "
+            + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
+        )
+        print(decision, flush=True)
+        self.client.set_tag(self.run_id, "wrn_cluster.promotion", decision)
+        self.client.set_model_version_tag(name, version, "promotion", decision)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.system is not None:
+            self.system.finish()
+        unsent = self.sender.close()
+        if unsent:
+            warnings.warn(
+                f"{unsent} metric values could not be sent to MLflow "
+                f"({self.client.tracking_uri}); the run's curves have gaps",
+                stacklevel=1,
+            )
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as error:
+            warnings.warn(f"could not mark the MLflow run {status}: {error}", stacklevel=1)
+
+
+def end_unfinished_run(spec: ClassifyJob, context: dict, status: str) -> None:
+    """Mark the job's run ended when its workers could not (the job failed for good)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(context["tracking_uri"])
+        experiment = client.get_experiment_by_name(spec.tracking.experiment)
+        if experiment is None:
+            return
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{JOB_TAG}` = '{spec.name}' and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            client.set_terminated(run.info.run_id, status)
+    except Exception as error:  # the job's own error matters more than this bookkeeping
+        warnings.warn(f"could not mark the MLflow run {status}: {error}", stacklevel=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pulling and predicting, for users of the registry
+
+
+def resolve_version(model_uri: str):
+    """The registry version behind models:/NAME@alias or models:/NAME/VERSION, else None."""
+    from mlflow import MlflowClient
+
+    if not model_uri.startswith("models:/"):
+        return None
+    client = MlflowClient(tracking_uri())
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, version = ref.split("/", 1)
+    return client.get_model_version(name, version)
+
+
+def pull(model_uri: str, dst: str | Path) -> dict[str, Any]:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty; choose another --dst or empty it")
+    dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch)
+        for item in Path(local).iterdir():
+            shutil.move(str(item), dst / item.name)
+    version = resolve_version(model_uri)
+    info = {"model_uri": model_uri, "path": str(dst)}
+    if version is not None:
+        info.update(
+            name=version.name,
+            version=version.version,
+            run_id=version.run_id,
+            source=version.source,
+            aliases=list(version.aliases),
+            tags=dict(version.tags),
+        )
+    return info
+
+
+def predict(model_uri: str, images: list[Path], top: int = 5) -> list[list[tuple[str, float]]]:
+    """Top classes per image, preprocessed as the model's own metadata says."""
+    import mlflow
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    mlflow.set_tracking_uri(tracking_uri())
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    meta = mlflow.models.Model.load(local).metadata or {}
+    model = mlflow.pytorch.load_model(local)
+    prep, classes = meta["preprocessing"], meta["class_names"]
+    batch = []
+    for path in images:
+        with Image.open(path) as image:
+            tensor = F.pil_to_tensor(image.convert("RGB"))
+        tensor = F.resize(tensor, prep["resize"], antialias=True)
+        tensor = F.center_crop(tensor, prep["input_size"])
+        batch.append(tensor.float() / 255)
+    with torch.no_grad():
+        probs = model(torch.stack(batch)).softmax(dim=1)
+    values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+    return [
+        [(classes[i], float(p)) for p, i in zip(row_p, row_i, strict=True)]
+        for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
