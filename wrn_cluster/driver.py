@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from wrn_cluster import data, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.launcher import DASHBOARD_ENV, JOB_ID_ENV
-from wrn_cluster.spec import ClassifyJob, SpecError, load
+from wrn_cluster.spec import ClassifyJob, SpecError, TuneJob, load
 
 
 class JobError(Exception):
@@ -105,7 +105,7 @@ def build_trainer(
 
 def prepare(spec: ClassifyJob) -> None:
     """Everything that can fail before Ray starts: the kind, the data (written if synthetic)."""
-    if spec.kind != "classify":
+    if spec.kind not in ("classify", "tune"):
         raise JobError(f"job {spec.name!r}: kind {spec.kind!r} is not supported yet")
     try:
         data.prepare(spec)
@@ -113,14 +113,20 @@ def prepare(spec: ClassifyJob) -> None:
         raise JobError(str(error)) from None
 
 
-def run(
-    spec: ClassifyJob, job_id: str | None = None, dashboard_url: str | None = None
-) -> ray.train.Result:
-    """Train a prepared job on the Ray cluster this process is connected to."""
-    check_resources(spec)
+def run(spec: ClassifyJob | TuneJob, job_id: str | None = None, dashboard_url: str | None = None):
+    """Run a prepared job on the Ray cluster this process is connected to: a Train result,
+    or for a search, Tune's result grid."""
+    check_resources(spec)  # for a search: what one trial needs
     context = tracking.run_context(job_id, dashboard_url) if spec.tracking.enabled else None
     if context:
         print(f"[{spec.name}] MLflow: {context['tracking_uri']}", flush=True)
+    if spec.kind == "tune":
+        from wrn_cluster import tune
+
+        try:
+            return tune.run(spec, context)
+        except tune.SearchError as error:
+            raise JobError(str(error)) from None
     printer = ProgressPrinter(spec.name, spec.schedule.epochs)
     trainer = build_trainer(spec, [printer], context)
     try:

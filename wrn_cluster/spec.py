@@ -298,32 +298,120 @@ class DetectJob(JobBase):
     detector: Literal["fasterrcnn_fpn"] = "fasterrcnn_fpn"
 
 
+class SearchDim(Section):
+    """One searched field: exactly one of grid, choice, uniform, loguniform, randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDim:
+        given = [k for k in SEARCH_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(SEARCH_KINDS)}; got {', '.join(given) or 'none'}"
+            )
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{given[0]} needs at least one value")
+        if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]} needs [low, high] with low < high, got {list(values)}")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {values[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SEARCH_KINDS if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> Any:
+        return getattr(self, self.kind)
+
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Searched as parts of model.arch ("wrn-D-K"), so budgets can be checked before trials start.
+ARCH_PARTS = ("model.depth", "model.width")
+
+
+class BudgetSection(Section):
+    max_params: int | None = Field(None, ge=1, description="Skip networks with more parameters.")
+    max_gmacs: float | None = Field(None, gt=0, description="Skip networks costing more GMACs.")
+
+
 class TuneSection(Section):
-    depths: list[int] = Field(default_factory=lambda: [16, 22, 28])
-    widths: list[float] = Field(default_factory=lambda: [2, 4, 8])
-    num_samples: int = Field(1, ge=1, description="Samples of the grid (repeats with new seeds).")
+    space: dict[str, SearchDim] = Field(
+        default_factory=lambda: {
+            "model.depth": SearchDim(grid=[16, 22, 28]),
+            "model.width": SearchDim(grid=[2, 4, 8]),
+        },
+        description="Spec field (dotted) -> search; model.depth and model.width build the arch.",
+    )
+    num_samples: int = Field(1, ge=1, description="Repeats of the grid (or random samples).")
     scheduler: Literal["asha", "fifo"] = "asha"
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA judges.")
     reduction_factor: int = Field(3, ge=2)
     max_concurrent_trials: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0, description="Retries of a failed trial.")
+    budget: BudgetSection | None = None
+    seed: int | None = Field(None, description="Seed of the random searches; the job's if unset.")
 
     @model_validator(mode="after")
-    def _valid_arches(self) -> TuneSection:
-        for depth in self.depths:
-            for width in self.widths:
-                name = f"wrn-{depth}-{width:g}"
-                try:
-                    parse_name(name)
-                except UnknownModelError as err:
-                    raise _FieldError("tune.depths", str(err)) from None
+    def _arch_parts_are_discrete(self) -> TuneSection:
+        for key in ARCH_PARTS:
+            if key in self.space and self.space[key].kind not in ("grid", "choice"):
+                raise _FieldError(
+                    f"tune.space.{key}", "depth and width are searched with grid or choice"
+                )
+        if "model.arch" in self.space and any(k in self.space for k in ARCH_PARTS):
+            raise _FieldError(
+                "tune.space.model.arch", "search model.arch or model.depth/width, not both"
+            )
         return self
 
 
+def _first_problem(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}"
+    return f"no such field ({error})"
+
+
 class TuneJob(ClassifyJob):
+    """A search: the classify fields are the base every trial starts from."""
+
     kind: Literal["tune"]  # type: ignore[assignment]
     tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _space_fits_the_base(self) -> TuneJob:
+        """Every searched field exists, and every grid/choice value makes a valid trial."""
+        from wrn_cluster.tune import arch_candidates, trial_spec
+
+        for key, dim in self.tune.space.items():
+            if key in ARCH_PARTS:
+                continue
+            samples = dim.values if dim.kind in ("grid", "choice") else [dim.values[0]]
+            for value in samples:
+                try:
+                    trial_spec(self, {key: value}, "check")
+                except (ValidationError, KeyError, TypeError) as error:
+                    raise _FieldError(
+                        f"tune.space.{key}",
+                        f"{value!r} makes an invalid trial: {_first_problem(error)}",
+                    ) from None
+        for arch in arch_candidates(self):
+            try:
+                parse_name(arch)
+            except UnknownModelError as error:
+                raise _FieldError("tune.space", str(error)) from None
+        return self
 
 
 JobSpec = Annotated[ClassifyJob | DetectJob | TuneJob, Field(discriminator="kind")]

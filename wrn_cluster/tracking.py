@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -55,6 +56,31 @@ def run_context(ray_job_id: str | None = None, dashboard_url: str | None = None)
         "version": project_version,
         "git_commit": commit or None,
     }
+
+
+def _experiment_id(client, context: dict, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if context["tracking_uri"].startswith("sqlite:"):  # keep artifacts under the home too
+        location = Path(context["artifact_root"], name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _tags(spec, context: dict) -> dict[str, str]:
+    tags = {
+        JOB_TAG: spec.name,
+        "wrn_cluster.kind": spec.kind,
+        "wrn_cluster.arch": spec.model.arch,
+        "wrn_cluster.dataset": spec.data.dataset,
+        "wrn_cluster.version": context.get("version"),
+        "ray.job_id": context.get("ray_job_id"),
+        "ray.dashboard_url": context.get("dashboard_url"),
+        "mlflow.source.git.commit": context.get("git_commit"),
+        "mlflow.parentRunId": context.get("parent_run_id"),
+    }
+    return {k: str(v) for k, v in tags.items() if v}
 
 
 class MetricSender:
@@ -134,26 +160,19 @@ class RunTracker:
         self.spec, self.context = spec, context
         self.client = MlflowClient(context["tracking_uri"])
         mlflow.set_tracking_uri(context["tracking_uri"])
-        experiment_id = self._experiment_id(spec.tracking.experiment)
+        experiment_id = _experiment_id(self.client, context, spec.tracking.experiment)
         run_id = run_id or self._unfinished_run(experiment_id)
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=spec.name, tags=self._tags())
+            run = self.client.create_run(
+                experiment_id, run_name=spec.name, tags=_tags(spec, context)
+            )
             self.run_id = run.info.run_id
             self._log_spec()
         self.sender = MetricSender(self.client, self.run_id)
         self.system = self._start_system_metrics()
-
-    def _experiment_id(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found:
-            return found.experiment_id
-        location = None
-        if self.context["tracking_uri"].startswith("sqlite:"):
-            location = Path(self.context["artifact_root"], name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
 
     def _unfinished_run(self, experiment_id: str) -> str | None:
         """A run of this job left RUNNING by an attempt that died before its first checkpoint."""
@@ -167,23 +186,9 @@ class RunTracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def _tags(self) -> dict[str, str]:
-        tags = {
-            JOB_TAG: self.spec.name,
-            "wrn_cluster.kind": self.spec.kind,
-            "wrn_cluster.arch": self.spec.model.arch,
-            "wrn_cluster.dataset": self.spec.data.dataset,
-            "wrn_cluster.version": self.context.get("version"),
-            "ray.job_id": self.context.get("ray_job_id"),
-            "ray.dashboard_url": self.context.get("dashboard_url"),
-            "mlflow.source.git.commit": self.context.get("git_commit"),
-        }
-        return {k: str(v) for k, v in tags.items() if v}
-
     def _log_spec(self) -> None:
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(self.spec).items()]
+        extra = {f"trial.{k}": v for k, v in (self.context.get("extra_params") or {}).items()}
+        params = _params({**flatten(self.spec), **extra})
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, to_yaml(self.spec), "spec.yaml")
@@ -246,7 +251,8 @@ class RunTracker:
 
         spec = self.spec
         mean, std = spec.data.mean_std()
-        serving = ServingClassifier(net.float().cpu().eval(), mean, std).eval()
+        net = copy.deepcopy(net).float().cpu().eval()  # training's copy stays as it is
+        serving = ServingClassifier(net, mean, std).eval()
         example = torch.rand(2, 3, image_size, image_size)
         with torch.no_grad():
             output = serving(example).numpy()
@@ -271,43 +277,11 @@ class RunTracker:
         self.client.log_dict(
             self.run_id, {"classes": class_names, **preprocessing}, "model_card.json"
         )
-        name = spec.tracking.registered_model
-        if not name:
-            return None
-        version = mlflow.register_model(info.model_uri, name).version
-        tags = {
-            "dataset": spec.data.dataset,
-            "job_name": spec.name,
-            "arch": spec.model.arch,
-            "params": count_params(net),
-            "gmacs": round(gmacs, 4),
-            **{k: round(v, 6) for k, v in metrics.items() if k.startswith("val_")},
-        }
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, str(value))
-        self._promote(name, version, metrics)
-        return version
-
-    def _promote(self, name: str, version: str, metrics: dict[str, float]) -> None:
-        alias, metric = self.spec.tracking.alias, self.spec.tracking.promotion_metric
-        new = metrics.get(metric)
-        try:
-            holder = self.client.get_model_version_by_alias(name, alias)
-        except Exception:  # no version holds the alias yet
-            holder = None
-        old = float(holder.tags[metric]) if holder and metric in holder.tags else None
-        lower_is_better = metric.endswith("loss")
-        better = new is not None and (old is None or (new < old if lower_is_better else new > old))
-        if better:
-            self.client.set_registered_model_alias(name, alias, version)
-        decision = (
-            f"{'promoted' if better else 'kept'} {name}@{alias}: "
-            f"v{version} {metric}={new} vs "
-            + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
+        facts = {"params": count_params(net), "gmacs": round(gmacs, 4)}
+        self.client.log_batch(
+            self.run_id, params=_params({f"model.{k}": v for k, v in facts.items()})
         )
-        print(decision, flush=True)
-        self.client.set_tag(self.run_id, "wrn_cluster.promotion", decision)
-        self.client.set_model_version_tag(name, version, "promotion", decision)
+        return register(self.client, spec, info.model_uri, self.run_id, metrics, facts)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.system is not None:
@@ -342,6 +316,115 @@ def end_unfinished_run(spec: ClassifyJob, context: dict, status: str) -> None:
             client.set_terminated(run.info.run_id, status)
     except Exception as error:  # the job's own error matters more than this bookkeeping
         warnings.warn(f"could not mark the MLflow run {status}: {error}", stacklevel=1)
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+def register(
+    client, spec, model_uri: str, run_id: str, metrics: dict[str, float], facts: dict[str, Any]
+) -> str | None:
+    """A new version of tracking.registered_model; the alias moves to it only if its promotion
+    metric beats the version that holds the alias now. The decision is logged on both."""
+    import mlflow
+
+    name = spec.tracking.registered_model
+    if not name:
+        return None
+    version = mlflow.register_model(model_uri, name).version
+    tags = {
+        "dataset": spec.data.dataset,
+        "job_name": spec.name,
+        "arch": facts.get("arch", spec.model.arch),
+        **facts,
+        **{k: round(v, 6) for k, v in metrics.items() if k.startswith("val_")},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    alias, metric = spec.tracking.alias, spec.tracking.promotion_metric
+    new = metrics.get(metric)
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except Exception:  # no version holds the alias yet
+        holder = None
+    old = float(holder.tags[metric]) if holder and metric in holder.tags else None
+    lower_is_better = metric.endswith("loss")
+    better = new is not None and (old is None or (new < old if lower_is_better else new > old))
+    if better:
+        client.set_registered_model_alias(name, alias, version)
+    decision = (
+        f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
+        + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
+    )
+    print(decision, flush=True)
+    client.set_tag(run_id, "wrn_cluster.promotion", decision)
+    client.set_model_version_tag(name, version, "promotion", decision)
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: a parent run, one child run per trial (opened by the trial's rank 0)
+
+
+def open_sweep(spec, context: dict) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(context["tracking_uri"])
+    experiment_id = _experiment_id(client, context, spec.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=spec.name, tags=_tags(spec, context))
+    client.log_batch(run.info.run_id, params=_params(flatten(spec)))
+    client.log_text(run.info.run_id, to_yaml(spec), "spec.yaml")
+    return run.info.run_id
+
+
+def end_run(context: dict, run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(context["tracking_uri"]).set_terminated(run_id, status)
+
+
+def finish_sweep(
+    spec, context: dict, parent_run_id: str, rows: list[dict], table_csv: str, png: bytes
+) -> None:
+    """Results table and plot on the parent; stopped trials' runs closed; best registered."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(context["tracking_uri"])
+    client.log_text(parent_run_id, table_csv, "results.csv")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch, "val_vs_params.png")
+        path.write_bytes(png)
+        client.log_artifact(parent_run_id, str(path))
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    by_job = {run.data.tags.get(JOB_TAG): run for run in children}
+    metric = f"best_{spec.tune.metric}"
+    finished = {
+        f"{spec.name}-{row.get('trial_id')}" for row in rows if row["status"] == "completed"
+    }
+    for run in children:
+        if run.info.status == "RUNNING":  # the scheduler stops trials without warning
+            done = run.data.tags.get(JOB_TAG) in finished
+            client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
+    for row in rows:  # best first
+        child = by_job.get(f"{spec.name}-{row.get('trial_id')}")
+        if row[metric] is None or child is None or row["status"] == "failed":
+            continue
+        if not any(a.path == MODEL_NAME for a in client.list_artifacts(child.info.run_id)):
+            continue  # stopped before it logged a model
+        client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
+        metrics = {k: v for k, v in child.data.metrics.items() if k.startswith("val_")}
+        facts = {"arch": row["arch"], "params": row["params"], "gmacs": row["gmacs"]}
+        register(
+            client, spec, f"runs:/{child.info.run_id}/{MODEL_NAME}", parent_run_id, metrics, facts
+        )
+        break
+    client.set_terminated(parent_run_id, "FINISHED")
 
 
 # ---------------------------------------------------------------------------------------------

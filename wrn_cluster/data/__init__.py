@@ -70,6 +70,18 @@ def prepare(spec: ClassifyJob) -> None:
             cifar.check(data.dataset, data.url)
 
 
+def num_classes(spec: ClassifyJob) -> int:
+    """Classes the dataset holds: fixed for CIFAR/SVHN, the class folders for imagefolder."""
+    from wrn_cluster.spec import DATASET_FACTS
+
+    fixed = DATASET_FACTS[spec.data.dataset].get("num_classes")
+    if fixed:
+        return fixed
+    from wrn_cluster.data import imagefolder
+
+    return len(imagefolder.scan(spec.data.url)[0])
+
+
 def build_datasets(spec: ClassifyJob) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names); items are (uint8 [3, S, S], label), label -1 for a bad image.
 

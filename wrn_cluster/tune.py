@@ -1,0 +1,309 @@
+"""Width and depth searches: Ray Tune over trials that are each a DDP Ray Train run.
+
+The paper's question, how to spend parameters, asked of the user's data: every trial is a
+classify job built from the tune spec's base plus one point of the search space.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from typing import TYPE_CHECKING, Any
+
+from wrn_cluster.spec import ARCH_PARTS, ClassifyJob, TuneJob
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+
+
+class SearchError(Exception):
+    """A search that cannot start; the message names the setting to change."""
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]  # KeyError: not a section of the spec
+        if not isinstance(node, dict):
+            raise TypeError(f"{part} is not a section")
+    node[leaf] = value
+
+
+def arch_name(depth: int, width: float) -> str:
+    return f"wrn-{int(depth)}-{float(width):g}"
+
+
+def arch_candidates(spec: TuneJob) -> list[str]:
+    """The networks the space can build: model.arch's values, or depth x width."""
+    space = spec.tune.space
+    if "model.arch" in space and space["model.arch"].kind in ("grid", "choice"):
+        return list(space["model.arch"].values)
+    if not any(key in space for key in ARCH_PARTS):
+        return [spec.model.arch]
+    base = _parse_arch(spec.model.arch)
+    depths = space["model.depth"].values if "model.depth" in space else [base[0]]
+    widths = space["model.width"].values if "model.width" in space else [base[1]]
+    return [arch_name(d, w) for d, w in itertools.product(depths, widths)]
+
+
+def _parse_arch(arch: str) -> tuple[int, float]:
+    from wrn_cluster.models import parse_name
+
+    info = parse_name(arch)
+    return info.depth, info.width
+
+
+def trial_spec(spec: TuneJob, config: dict[str, Any], name: str) -> ClassifyJob:
+    """The classify job of one trial: the base with the trial's values set."""
+    tree = spec.model_dump(mode="json")
+    tree.pop("tune")
+    tree.update(kind="classify", name=name)
+    # The sweep registers its best trial; trials only log their models to their runs.
+    tree["tracking"]["registered_model"] = None
+    for key, value in config.items():
+        if key not in ARCH_PARTS:
+            _set(tree, key, value)
+    return ClassifyJob.model_validate(tree)
+
+
+def within_budget(spec: TuneJob, num_classes: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(kept networks with their params and GMACs, skipped networks with the reason)."""
+    from wrn_cluster.models import describe
+
+    budget = spec.tune.budget
+    kept, skipped = [], []
+    for arch in arch_candidates(spec):
+        facts = describe(arch, num_classes, spec.image_size)
+        reason = None
+        if budget and budget.max_params and facts["params"] > budget.max_params:
+            reason = f"{facts['params'] / 1e6:.1f}M params > {budget.max_params / 1e6:.1f}M"
+        elif budget and budget.max_gmacs and facts["gmacs"] > budget.max_gmacs:
+            reason = f"{facts['gmacs']:.3f} GMACs > {budget.max_gmacs:g}"
+        if reason:
+            skipped.append((arch, reason))
+        else:
+            kept.append(facts)
+    return kept, skipped
+
+
+def param_space(spec: TuneJob, arches: list[str]) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    random_arch = any(
+        spec.tune.space[k].kind == "choice"
+        for k in (*ARCH_PARTS, "model.arch")
+        if k in spec.tune.space
+    )
+    if (
+        len(arches) > 1
+        or "model.arch" in spec.tune.space
+        or any(k in spec.tune.space for k in ARCH_PARTS)
+    ):
+        space["model.arch"] = tune.choice(arches) if random_arch else tune.grid_search(arches)
+    for key, dim in spec.tune.space.items():
+        if key in (*ARCH_PARTS, "model.arch"):
+            continue
+        values = dim.values
+        space[key] = {
+            "grid": lambda v: tune.grid_search(list(v)),
+            "choice": lambda v: tune.choice(list(v)),
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1),  # inclusive, as users write it
+        }[dim.kind](values)
+    return space
+
+
+def _trial(config: dict[str, Any], spec_json: dict, tracking_context: dict | None) -> None:
+    """One trial, run by Tune: a TorchTrainer whose per-epoch reports flow back to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from wrn_cluster.driver import build_trainer
+
+    spec = TuneJob.model_validate(spec_json)
+    name = f"{spec.name}-{tune.get_context().get_trial_id()}"
+    job = trial_spec(spec, config, name)
+    context = None
+    if tracking_context:
+        context = {
+            **tracking_context,
+            "extra_params": {k: str(v) for k, v in config.items()},
+        }
+    build_trainer(job, [TuneReportCallback()], context).fit()
+
+
+def run(spec: TuneJob, tracking_context: dict | None, say=print) -> ResultGrid:
+    """Run the search, print the results table, log the sweep, register the best network."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from wrn_cluster import data, tracking
+
+    num_classes = spec.model.num_classes or data.num_classes(spec)
+    kept, skipped = within_budget(spec, num_classes)
+    for arch, reason in skipped:
+        say(f"[{spec.name}] skipped by budget: {arch} ({reason})")
+    if not kept:
+        raise SearchError(
+            f"job {spec.name!r}: tune.budget leaves no network to try; raise "
+            "tune.budget.max_params / max_gmacs or search smaller depths and widths"
+        )
+    facts = {f["name"]: f for f in kept}
+
+    parent = None
+    if tracking_context:
+        parent = tracking.open_sweep(spec, tracking_context)
+        tracking_context = {**tracking_context, "parent_run_id": parent}
+
+    settings = spec.tune
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.schedule.epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        if settings.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    from wrn_cluster.data import storage
+
+    storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(
+                _trial, spec_json=spec.model_dump(mode="json"), tracking_context=tracking_context
+            ),
+            # The trial only waits on its TorchTrainer, whose workers hold the CPUs; Tune
+            # refuses an empty request, so it asks for a sliver.
+            {"CPU": 0.01},
+        ),
+        param_space=param_space(spec, list(facts)),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials,
+            scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=0,
+        ),
+    )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        if parent:
+            tracking.end_run(tracking_context, parent, "FAILED")
+        raise
+    rows = results_table(spec, results, facts)
+    say(format_table(rows))
+    if parent:
+        tracking.finish_sweep(spec, tracking_context, parent, rows, to_csv(rows), plot(rows))
+    return results
+
+
+def results_table(spec: TuneJob, results: ResultGrid, facts: dict[str, dict]) -> list[dict]:
+    rows = []
+    for result in results:
+        config = result.config or {}
+        history = result.metrics_dataframe
+        arch = config.get("model.arch", spec.model.arch)
+        best = None
+        epochs = 0
+        if history is not None and spec.tune.metric in history:
+            column = history[spec.tune.metric]
+            best = float(column.max() if spec.tune.mode == "max" else column.min())
+            epochs = int(history["epoch"].max())
+        depth, width = _parse_arch(arch)
+        rows.append(
+            {
+                "arch": arch,
+                "depth": depth,
+                "width": width,
+                "dropout": config.get("model.dropout", spec.model.dropout),
+                "lr": config.get("optimizer.lr", spec.optimizer.lr),
+                "params": facts.get(arch, {}).get("params"),
+                "gmacs": facts.get(arch, {}).get("gmacs"),
+                f"best_{spec.tune.metric}": best,
+                "epochs": epochs,
+                "status": "failed"
+                if result.error
+                else ("stopped early" if epochs < spec.schedule.epochs else "completed"),
+                "run_id": (result.metrics or {}).get("mlflow_run_id"),
+                "trial_id": (result.metrics or {}).get("trial_id"),
+            }
+        )
+    key = f"best_{spec.tune.metric}"
+    sign = -1 if spec.tune.mode == "max" else 1
+    rows.sort(key=lambda r: math.inf if r[key] is None else sign * r[key])
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c not in ("run_id", "trial_id")] if rows else []
+    cells = [[_cell(c, r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if column == "params":
+        return f"{value / 1e6:.2f}M"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def plot(rows: list[dict]) -> bytes:
+    """PNG: best validation metric against parameters and GMACs, points labelled WRN-D-K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next(k for k in rows[0] if k.startswith("best_")) if rows else "best"
+    done = [r for r in rows if r.get(metric) is not None and r.get("params")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "gmacs", "GMACs")):
+        for row in done:
+            x = row[key] / 1e6 if key == "params" else row[key]
+            axis.scatter(
+                x, row[metric], color="tab:red" if row["status"] != "completed" else "tab:blue"
+            )
+            axis.annotate(
+                row["arch"].upper(),
+                (x, row[metric]),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        axis.set_xlabel(label)
+        axis.set_ylabel(metric.removeprefix("best_"))
+        axis.grid(alpha=0.3)
+    fig.suptitle("width/depth search (red: stopped early or failed)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
