@@ -62,3 +62,24 @@ def mlflow_server(tmp_path_factory, s3_env):
             server.kill()
     finally:
         postgres.stop()
+
+
+@pytest.fixture(scope="module")
+def tracked(mlflow_server, s3_env, tmp_path_factory):
+    """A local Ray whose workers see the tracking server and the S3 endpoint."""
+    import ray
+    from mlflow import MlflowClient
+
+    from tests.datasets import write_digits_imagefolder
+
+    saved = dict(os.environ)
+    os.environ.update(s3_env, MLFLOW_TRACKING_URI=mlflow_server.url)
+    data = tmp_path_factory.mktemp("digits")
+    write_digits_imagefolder(data, size=16)
+    ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
+    try:
+        yield {"server": mlflow_server, "data": data, "client": MlflowClient(mlflow_server.url)}
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

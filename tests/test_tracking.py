@@ -13,10 +13,8 @@ import pytest
 import s3fs
 import torch
 import yaml
-from mlflow import MlflowClient
 
 from tests.conftest import S3_KEY_ID, S3_SECRET
-from tests.datasets import write_digits_imagefolder
 from tests.test_training import as_spec, digits_job
 from wrn_cluster import driver
 from wrn_cluster.models import build_model
@@ -25,24 +23,6 @@ from wrn_cluster.spec import CIFAR_MEAN_STD, IMAGENET_MEAN_STD
 
 pytestmark = pytest.mark.slow
 MODEL = "digits_wrn"
-
-
-@pytest.fixture(scope="module")
-def tracked(mlflow_server, s3_env, tmp_path_factory):
-    """A local Ray whose workers see the tracking server and the S3 endpoint."""
-    import ray
-
-    saved = dict(os.environ)
-    os.environ.update(s3_env, MLFLOW_TRACKING_URI=mlflow_server.url)
-    data = tmp_path_factory.mktemp("digits")
-    write_digits_imagefolder(data, size=16)
-    ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
-    try:
-        yield {"server": mlflow_server, "data": data, "client": MlflowClient(mlflow_server.url)}
-    finally:
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def tracked_job(tracked, name, epochs, lr, **extra):

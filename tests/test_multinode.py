@@ -1,0 +1,174 @@
+"""Multi-node Ray without Docker: a head and a second Ray node process on this machine, each its
+own raylet with its own ports, S3 (moto) as the checkpoint storage they share, and a 2-worker job
+submitted through the Jobs API that Ray SPREADs over both nodes."""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.datasets import write_digits_imagefolder
+from tests.test_training import digits_job
+from tests.util import wait_until
+from wrn_cluster.train import checkpoint
+
+pytestmark = pytest.mark.slow
+VENV_BIN = str(Path(sys.executable).parent)
+BUCKET = "wrn-multinode"
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def node_ports(ports: list[int]) -> list[str]:
+    """The per-node ports two raylets on one machine must not share; worker ports are random."""
+    manager, objects, agent_http, agent_grpc, runtime_env, metrics = ports
+    return [
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
+
+
+def stop_processes_of(temp: Path) -> None:
+    """Stop what our `ray start`s launched, by process id: every process naming our temp dir and
+    all their descendants (Ray workers, the job driver). Never `ray stop`, which would also stop
+    other Ray clusters on this machine."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            roots.append(proc)
+    tree = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
+    for proc in tree.values():
+        with suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(tree.values()), timeout=5)  # gcs_server can sit out SIGTERM
+    for proc in alive:
+        with suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def s3(s3_env):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=s3_env["AWS_ACCESS_KEY_ID"],
+        secret=s3_env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_env["AWS_ENDPOINT_URL_S3"],
+    )
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    return fs
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3_env):
+    """A head (with the dashboard) and a second node, 2 CPUs each; yields the dashboard URL.
+    The nodes, and so every Ray worker and job driver, hold the S3 endpoint and credentials."""
+    from ray.util.state import list_nodes
+
+    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="wrn-mn-"))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env}
+    gcs, dashboard, client, *ports = free_ports(15)
+    common = [
+        "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=100000000",
+        f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    head = [
+        f"{VENV_BIN}/ray", "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        *common, *node_ports(ports[:6]),
+    ]  # fmt: skip
+    second = [
+        f"{VENV_BIN}/ray", "start", f"--address=127.0.0.1:{gcs}", *common, *node_ports(ports[6:]),
+    ]  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        for command in (head, second):
+            started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stdout + started.stderr
+        wait_until(lambda: len(_alive_nodes(list_nodes, address)) == 2, timeout=60)
+        yield address
+    finally:
+        stop_processes_of(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _alive_nodes(list_nodes, address: str) -> list:
+    try:
+        return [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+    except Exception:  # the dashboard is still starting
+        return []
+
+
+def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s3_env, tmp_path):
+    from ray.util.state import list_actors, list_nodes
+
+    # The data stays on this machine's disk, which both nodes see (as they would an NFS mount);
+    # everything Ray Train writes goes to S3.
+    write_digits_imagefolder(tmp_path / "digits", size=16)
+    job = digits_job(
+        tmp_path / "digits",
+        f"s3://{BUCKET}/runs",
+        name="multinode",
+        model={"arch": "wrn-10-1"},
+        schedule={"epochs": 2, "warmup_epochs": 0},
+        scaling={"workers": 2, "placement_strategy": "SPREAD"},
+    )
+    spec_file = tmp_path / "multinode.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    # The submitter names the endpoint only; credentials come from the nodes' environment.
+    submitter_env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
+    submitter_env["AWS_ENDPOINT_URL_S3"] = s3_env["AWS_ENDPOINT_URL_S3"]
+    run = subprocess.run(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file), "--address", two_nodes],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=submitter_env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "epoch 2/2" in run.stdout, run.stdout
+
+    nodes = {n.node_id for n in list_nodes(address=two_nodes)}
+    workers = list_actors(
+        address=two_nodes, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+    )
+    assert len(workers) == 2, workers
+    assert len(nodes) == 2 and {w.node_id for w in workers} == nodes  # one worker on each node
+
+    saved = sorted(s3.glob(f"{BUCKET}/runs/multinode/checkpoint_*/{checkpoint.STATE_FILE}"))
+    assert len(saved) == 2, saved  # one per epoch, keep: 2
+    state = torch.load(io.BytesIO(s3.cat_file(saved[-1])), weights_only=True)
+    assert state["epoch"] == 2 and state["resumes"] == []
