@@ -71,12 +71,21 @@ def tracked(mlflow_server, s3_env, tmp_path_factory):
     from mlflow import MlflowClient
 
     from tests.datasets import write_digits_imagefolder
+    from tests.util import free_port
 
     saved = dict(os.environ)
     os.environ.update(s3_env, MLFLOW_TRACKING_URI=mlflow_server.url)
     data = tmp_path_factory.mktemp("digits")
     write_digits_imagefolder(data, size=16)
-    ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
+    # With the dashboard: Ray Train finds dead controllers (a trial Tune stopped) through the
+    # state API it serves, and only then frees their placement groups.
+    ray.init(
+        num_cpus=4,
+        object_store_memory=128 * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+    )
     try:
         yield {"server": mlflow_server, "data": data, "client": MlflowClient(mlflow_server.url)}
     finally:

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,118 @@ BUFFER_LIMIT = 100_000
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded SQLite store under the project's home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def redacted(uri: str) -> str:
+    """The URI without a user:password@ part, for messages and plans."""
+    scheme, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    if sep and "@" in host:
+        return f"{scheme}://***@{host.rsplit('@', 1)[1]}{slash}{path}"
+    return uri
+
+
+def display_uri() -> str:
+    return redacted(tracking_uri())
+
+
+def is_server() -> bool:
+    """Whether the tracking store is a server (http/https) rather than a local database."""
+    return tracking_uri().startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _scrub(text: str) -> str:
+    """A server's error text without the credentials this process holds."""
+    for key in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"):
+        secret = os.environ.get(key)
+        if secret:
+            text = text.replace(secret, "***")
+    return text.replace(tracking_uri(), display_uri())
+
+
+def check_server(timeout_s: float = 5.0) -> str | None:
+    """None when the tracking server answers and accepts this process's credentials, else one
+    message naming the setting and the fix. Local stores (SQLite, files) are not checked."""
+    if not is_server():
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = display_uri()
+    # One try with a short timeout: MLflow's defaults retry for minutes.
+    limits = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout_s))),
+    }
+    with _environment(**limits):
+        try:
+            MlflowClient(tracking_uri()).search_experiments(max_results=1)
+        except MlflowException as error:
+            if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                return (
+                    f"MLFLOW_TRACKING_URI: the MLflow server at {uri} refused the credentials "
+                    f"({error.error_code}); set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may "
+                    "write runs"
+                )
+            return (
+                f"MLFLOW_TRACKING_URI: no MLflow server answers at {uri} within {timeout_s:g}s "
+                f"({_reason(_scrub(error.message))}); start it or fix MLFLOW_TRACKING_URI, or "
+                "set tracking.enabled: false to train without tracking"
+            )
+    return None
+
+
+def _reason(text: str) -> str:
+    """The cause at the bottom of a requests/urllib3 error chain, e.g. 'Connection refused'."""
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "timed out" in text.lower():
+        return "timed out"
+    first = (text.strip().splitlines() or ["no answer"])[0]
+    return first if len(first) <= 200 else first[:200] + "..."
+
+
+def registry_name_problems(name: str, alias: str) -> list[str]:
+    """Why tracking.registered_model or tracking.alias would be refused by the registry (its own
+    rules), or break `models:/NAME@ALIAS` URIs; empty when both are usable."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    problems = []
+    try:
+        validation._validate_model_name(name)
+        if "@" in name:
+            raise MlflowException(f"'{name}' holds '@', which models:/NAME@ALIAS URIs split on")
+    except MlflowException as error:
+        problems.append(
+            f"tracking.registered_model: {error.message.rstrip('.')}; use letters, digits, '_', "
+            "'-' and '.', e.g. wrn28_10_cifar10"
+        )
+    try:
+        validation._validate_model_alias_name(alias)
+        validation._validate_model_alias_name_reserved(alias)
+    except MlflowException as error:
+        problems.append(
+            f"tracking.alias: {error.message.rstrip('.')}; use letters, digits, '_' and '-', "
+            "e.g. champion"
+        )
+    return problems
 
 
 def run_context(ray_job_id: str | None = None, dashboard_url: str | None = None) -> dict:
@@ -221,10 +334,24 @@ class RunTracker:
     ) -> str | None:
         """log_model, waiting out a tracking server that is down for a while; the weights are
         in the checkpoint either way, so giving up only warns."""
+        return self._ship(lambda: self.log_model(net, class_names, image_size, metrics), wait_s)
+
+    def ship_detector(
+        self,
+        net,
+        categories: list[dict],
+        options: dict[str, Any],
+        metrics: dict[str, float],
+        wait_s: float = 180.0,
+    ) -> str | None:
+        """log_detector, waiting out a tracking server that is down, as ship_model does."""
+        return self._ship(lambda: self.log_detector(net, categories, options, metrics), wait_s)
+
+    def _ship(self, log_model, wait_s: float) -> str | None:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                return self.log_model(net, class_names, image_size, metrics)
+                return log_model()
             except Exception as error:  # server or store errors of any kind
                 if time.monotonic() > deadline:
                     warnings.warn(
@@ -283,6 +410,65 @@ class RunTracker:
         )
         return register(self.client, spec, info.model_uri, self.run_id, metrics, facts)
 
+    def log_detector(
+        self, net, categories: list[dict], options: dict[str, Any], metrics: dict[str, float]
+    ) -> str | None:
+        """Log a detector as TorchScript (torch.export cannot trace torchvision's detectors:
+        their NMS output sizes depend on the data), register a version, promote as log_model.
+
+        TorchScript stores the code with the weights, so loading it needs torch and torchvision
+        (imported first: it registers the nms/roi_align ops) but not this project, and runs no
+        Python pickle. MLflow files it under serialization_format "pickle", its name for
+        "not pt2"; the file itself is written by torch.jit.save."""
+        import mlflow
+        import torch
+        import torchvision
+
+        from wrn_cluster.models import count_params
+        from wrn_cluster.models.serving import ServingDetector
+
+        net = copy.deepcopy(net).float().cpu().eval()  # training's copy stays as it is
+        serving = ServingDetector(net, [c["id"] for c in categories]).eval()
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(serving)
+        card = {
+            "task": "detect",
+            "categories": categories,
+            "input": "list of RGB float32 [3, H, W] tensors in [0, 1], any size; resized inside "
+            f"to a shorter side of {options['min_size']} (longer side at most "
+            f"{options['max_size']})",
+            "output": "per image: boxes [N, 4] x1, y1, x2, y2 in input pixels, scores, labels "
+            "(1..K), category_ids (COCO ids)",
+            "load": "import torchvision before loading (it registers the detection ops)",
+            "detector": options,
+        }
+        # MLflow warns that the "pickle" format runs pickle; for a ScriptModule it does not.
+        with mlflow.start_run(run_id=self.run_id), _quiet("mlflow.pytorch"):
+            info = mlflow.pytorch.log_model(
+                scripted,
+                name=MODEL_NAME,
+                serialization_format="pickle",
+                metadata=card,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}",
+                    "mlflow",
+                ],
+            )
+        self.client.log_dict(self.run_id, card, "model_card.json")
+        facts = {"params": count_params(net)}
+        self.client.log_batch(
+            self.run_id, params=_params({f"model.{k}": v for k, v in facts.items()})
+        )
+        return register(self.client, self.spec, info.model_uri, self.run_id, metrics, facts)
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        """Facts found while running (e.g. what the data held), as run params."""
+        params = _params(values)
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
     def close(self, status: str = "FINISHED") -> None:
         if self.system is not None:
             self.system.finish()
@@ -318,6 +504,17 @@ def end_unfinished_run(spec: ClassifyJob, context: dict, status: str) -> None:
         warnings.warn(f"could not mark the MLflow run {status}: {error}", stacklevel=1)
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _params(values: dict[str, Any]) -> list:
     from mlflow.entities import Param
 
@@ -340,7 +537,8 @@ def register(
         "job_name": spec.name,
         "arch": facts.get("arch", spec.model.arch),
         **facts,
-        **{k: round(v, 6) for k, v in metrics.items() if k.startswith("val_")},
+        # Evaluation metrics: classification's val_*, detection's COCO AP*.
+        **{k: round(v, 6) for k, v in metrics.items() if k.startswith(("val_", "AP"))},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
@@ -415,14 +613,15 @@ def finish_sweep(
         child = by_job.get(f"{spec.name}-{row.get('trial_id')}")
         if row[metric] is None or child is None or row["status"] == "failed":
             continue
-        if not any(a.path == MODEL_NAME for a in client.list_artifacts(child.info.run_id)):
+        logged = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
+        )
+        if not logged:
             continue  # stopped before it logged a model
         client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
         metrics = {k: v for k, v in child.data.metrics.items() if k.startswith("val_")}
         facts = {"arch": row["arch"], "params": row["params"], "gmacs": row["gmacs"]}
-        register(
-            client, spec, f"runs:/{child.info.run_id}/{MODEL_NAME}", parent_run_id, metrics, facts
-        )
+        register(client, spec, logged[0].model_uri, parent_run_id, metrics, facts)
         break
     client.set_terminated(parent_run_id, "FINISHED")
 
@@ -472,22 +671,47 @@ def pull(model_uri: str, dst: str | Path) -> dict[str, Any]:
     return info
 
 
-def predict(model_uri: str, images: list[Path], top: int = 5) -> list[list[tuple[str, float]]]:
-    """Top classes per image, preprocessed as the model's own metadata says."""
+def predict(
+    model_uri: str, images: list[Path], top: int = 5, min_score: float = 0.5
+) -> list[list[tuple]]:
+    """Per image, a classifier's top classes as (class, probability), or a detector's boxes
+    scoring at least ``min_score`` (at most ``top``) as (category, score, [x1, y1, x2, y2]);
+    preprocessed as the model's own metadata says."""
     import mlflow
     import torch
     from PIL import Image
+
+    # Imported before loading: torchvision registers the ops scripted detectors call.
     from torchvision.transforms.v2 import functional as F
 
     mlflow.set_tracking_uri(tracking_uri())
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     meta = mlflow.models.Model.load(local).metadata or {}
+    pictures = []
+    for path in images:
+        with Image.open(path) as image:
+            pictures.append(F.pil_to_tensor(image.convert("RGB")))
+    if meta.get("task") == "detect":
+        names = {c["id"]: c["name"] for c in meta["categories"]}
+        # TorchScript's deprecation notices and torchvision's "always returns a tuple" note.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model = mlflow.pytorch.load_model(local)
+            found = model([picture.float() / 255 for picture in pictures])
+        return [
+            [
+                (names[int(category)], float(score), [round(v, 1) for v in box.tolist()])
+                for box, score, category in zip(
+                    f["boxes"], f["scores"], f["category_ids"], strict=True
+                )
+                if score >= min_score
+            ][:top]
+            for f in found
+        ]
     model = mlflow.pytorch.load_model(local)
     prep, classes = meta["preprocessing"], meta["class_names"]
     batch = []
-    for path in images:
-        with Image.open(path) as image:
-            tensor = F.pil_to_tensor(image.convert("RGB"))
+    for tensor in pictures:
         tensor = F.resize(tensor, prep["resize"], antialias=True)
         tensor = F.center_crop(tensor, prep["input_size"])
         batch.append(tensor.float() / 255)
