@@ -480,3 +480,70 @@ def test_digits_helper_matches_sklearn(tmp_path):
     images, labels = digits(16)
     assert counts["train"] + counts["val"] == len(labels) == 1797
     assert images.shape == (1797, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed paths: reduced-size JPEG decoding, the PIL fallback, workers that persist across epochs
+
+
+def _photo_jpeg(width: int, height: int, **save) -> bytes:
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0]).resize((width, height))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_smaller_yet_gives_the_same_view():
+    from wrn_cluster.data.transforms import RandomResizedCropFlip, decode, item_generator
+
+    data = _photo_jpeg(1600, 1200)
+    crop = RandomResizedCropFlip(48)
+    assert decode(data, 150).shape == (3, 300, 400)  # 1/4 scale keeps twice 150 pixels
+    assert decode(data, 75).shape == (3, 150, 200)
+    assert decode(data).shape == (3, 1200, 1600)
+    for index in range(12):
+        fast = crop.decoded(data, item_generator(0, 0, index)).float()
+        full = crop(decode(data), item_generator(0, 0, index)).float()
+        assert fast.shape == full.shape == (3, 48, 48)
+        # Same box (snapped to the smaller image's pixel grid) and flip: a few levels apart.
+        assert (fast - full).abs().mean() < 8, index
+        assert torch.corrcoef(torch.stack([fast.flatten(), full.flatten()]))[0, 1] > 0.99
+
+
+def test_png_cmyk_and_grayscale_images_decode_to_rgb():
+    import io
+
+    from PIL import Image
+
+    from wrn_cluster.data.transforms import RandomResizedCropFlip, decode, item_generator
+
+    photo = Image.open(io.BytesIO(_photo_jpeg(64, 48)))
+    encoded = {}
+    for name, mode, fmt in (("png", "RGB", "PNG"), ("cmyk", "CMYK", "JPEG"), ("gray", "L", "JPEG")):
+        buffer = io.BytesIO()
+        photo.convert(mode).save(buffer, fmt)
+        encoded[name] = buffer.getvalue()
+    for name, data in encoded.items():
+        image = decode(data)
+        assert image.shape == (3, 48, 64) and image.dtype == torch.uint8, name
+        view = RandomResizedCropFlip(16).decoded(data, item_generator(0, 0, 1))
+        assert view.shape == (3, 16, 16), name
+
+
+def test_persistent_loader_workers_see_each_new_epoch(digits_folder):
+    train, _, _ = build_datasets(classify_spec("imagefolder", digits_folder, image_size=24))
+    loader = DataLoader(train, batch_size=16, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        epochs.append(next(iter(loader))[0])
+    fresh, _, _ = build_datasets(classify_spec("imagefolder", digits_folder, image_size=24))
+    fresh.set_epoch(1)
+    expected = torch.stack([fresh[i][0] for i in range(16)])
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(epochs[1], expected)

@@ -15,6 +15,7 @@ import yaml
 from tests.datasets import write_digits_imagefolder
 from tests.test_training import digits_job
 from tests.util import free_port, wait_until
+from wrn_cluster import launcher, preflight, spec
 from wrn_cluster.train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,27 @@ def test_unknown_job_and_unreachable_cluster_are_one_message(cluster):
     down = cli("list", address=f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 1
     assert "cannot reach the Ray Jobs API" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_dry_run_checks_the_clusters_resources_and_submits_nothing(cluster, tmp_path):
+    job = digits_job(tmp_path / "data", tmp_path / "runs", name="dry-run")
+    job["data"]["synthesize"] = {"classes": 2, "per_class": 4, "size": 16}
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+
+    report = preflight.dry_run(spec.load(spec_file), cluster)
+    assert dict(report.checks)["resources"] == f"cluster at {cluster} has 4 CPU, 0 GPU"
+    assert dict(report.plan)["runs on"] == f"the cluster at {cluster}"
+    assert not [j for j in launcher.list_jobs(cluster) if j["name"] == "dry-run"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+    too_big = cli(
+        "submit", str(spec_file), "--dry-run", "--set", "scaling.cpus_per_worker=3", address=cluster
+    )
+    assert too_big.returncode == 1 and "Traceback" not in too_big.stderr
+    assert f"asks for 6 CPU (2 workers x 3 CPU), but the cluster at {cluster} has 4 CPU" in (
+        too_big.stderr
+    )
 
 
 def _newest(run_dir: Path) -> dict:

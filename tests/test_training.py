@@ -130,7 +130,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
-    """SIGKILL a Ray Train worker as soon as the first checkpoint lands."""
+    """SIGKILL a Ray Train worker as soon as Ray Train has registered the first checkpoint."""
     deadline = time.monotonic() + 300
     workers = []
     while not workers and time.monotonic() < deadline and proc.poll() is None:
@@ -141,7 +141,10 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
         ]
         time.sleep(0.2)
     while workers and time.monotonic() < deadline and proc.poll() is None:
-        if list(run_dir.glob(f"checkpoint_*/{checkpoint.STATE_FILE}")):
+        # Ray Train has registered a checkpoint once its manager's snapshot names one; a
+        # checkpoint folder alone may still be uploading, and a restart would not see it.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="replace"):
             os.kill(workers[-1], signal.SIGKILL)
             return True
         time.sleep(0.05)

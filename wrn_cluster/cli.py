@@ -21,13 +21,22 @@ models_app = typer.Typer(help="The paper's networks, by name.", no_args_is_help=
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Datasets: write and check them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(
+    help="Benchmarks: the project's speed as a ratio against a named baseline.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    from rich.markup import escape
+
+    # Messages quote paths and servers' errors: brackets in them are text, not markup.
+    for line in message.splitlines() or [""]:
+        err.print(f"[red]error:[/red] {escape(line)}", markup=True)
     return typer.Exit(code)
 
 
@@ -122,6 +131,10 @@ def submit(
         list[str] | None, typer.Option("--set", help="Override a field: a.b=value.")
     ] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the logs.")] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Only run the preflight checks and print the plan."),
+    ] = False,
 ) -> None:
     """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
     from wrn_cluster import launcher
@@ -129,6 +142,9 @@ def submit(
     overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
     spec = load_spec(file, overrides)
     address = launcher.cluster_address(address)
+    if dry_run:
+        _dry_run(spec, address)
+        return
     try:
         if address:
             code = launcher.submit_remote(spec, address, wait, out.print)
@@ -137,6 +153,21 @@ def submit(
     except launcher.LaunchError as error:
         raise fail(str(error)) from None
     raise typer.Exit(code)
+
+
+def _dry_run(spec, address: str | None) -> None:
+    from wrn_cluster import preflight
+
+    try:
+        report = preflight.dry_run(spec, address)
+    except preflight.PreflightError as error:
+        raise fail("\n".join(error.problems)) from None
+    out.print("preflight")
+    for check, result in report.checks:
+        out.print(f"  ok  {check:<19} {result}", markup=False)
+    out.print("plan (dry run: nothing started)")
+    for item, value in report.plan:
+        out.print(f"  {item:<23} {value}", markup=False)
 
 
 AddressOption = Annotated[
@@ -235,6 +266,30 @@ def data_synth_imagefolder(
     )
 
 
+@data_app.command("synth-coco")
+def data_synth_coco(
+    dest: Annotated[str, typer.Argument(help="Folder URL: a path, file:// or s3://bucket/prefix.")],
+    images: Annotated[int, typer.Option(min=2, help="Images, train and val together.")] = 200,
+    size: Annotated[int, typer.Option(min=32, help="Longer image side in pixels.")] = 96,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of the images held out for val.")
+    ] = 0.25,
+    seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+) -> None:
+    """Write shapes with known boxes as a COCO dataset: DEST/train2017/*.jpg, DEST/val2017/*.jpg
+    and DEST/annotations/instances_{train,val}2017.json (a detect spec's default layout)."""
+    from wrn_cluster.data.synthetic import SHAPES, write_coco
+
+    try:
+        counts = write_coco(dest, images, size, val_fraction, seed)
+    except (ValueError, OSError) as error:
+        raise fail(f"{dest}: {error}") from None
+    out.print(
+        f"{dest}: wrote {counts['train']} train and {counts['val']} val JPEGs with "
+        f"{counts['boxes']} boxes ({', '.join(name for _, name in SHAPES)}; up to {size}px)"
+    )
+
+
 @app.command()
 def pull(
     model_uri: Annotated[str, typer.Argument(help="e.g. models:/wrn50_2_imagenet@champion")],
@@ -263,26 +318,153 @@ def pull(
 def predict(
     model_uri: Annotated[str, typer.Argument(help="e.g. models:/wrn_quickstart@champion")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    top: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="Classes (or boxes) to show per image.")] = 5,
+    min_score: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Detectors: lowest box score shown.")
+    ] = 0.5,
 ) -> None:
-    """Top classes for each image, with the model's own preprocessing."""
+    """Top classes (a classifier) or boxes (a detector) for each image, with the model's own
+    preprocessing."""
     from wrn_cluster import tracking
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise fail(f"no such image: {', '.join(missing)}")
     try:
-        results = tracking.predict(model_uri, images, top)
+        results = tracking.predict(model_uri, images, top, min_score)
     except Exception as error:  # unreadable images, unknown models, servers down
         raise fail(f"cannot predict with {model_uri}: {_first_line(error)}") from None
     for path, ranked in zip(images, results, strict=True):
         out.print(f"{path}:")
-        for label, prob in ranked:
-            out.print(f"  {prob:7.2%}  {label}")
+        for label, prob, *box in ranked:  # a detector's results carry their box
+            where = f"  [{', '.join(f'{v:g}' for v in box[0])}]" if box else ""
+            out.print(f"  {prob:7.2%}  {label}{where}")
 
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")]
+RoundsOption = Annotated[int, typer.Option(min=1, help="Interleaved rounds; median and spread.")]
+
+
+def _report(comparison, json_path: Path | None) -> None:
+    for line in comparison.lines():
+        out.print(line, markup=False)
+    if json_path:
+        comparison.write_json(json_path)
+
+
+def _progress(line: str) -> None:
+    err.print(line, markup=False)
+
+
+@bench_app.command("train-step")
+def bench_train_step(
+    model: Annotated[str, typer.Option(help="Network, e.g. wrn-28-10, wrn-50-2.")] = "wrn-28-10",
+    image_size: Annotated[
+        int | None, typer.Option(min=8, help="Input side; the family's default if left out.")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch; halved until it fits the GPU.")] = 64,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")
+    ] = "auto",
+    baseline: Annotated[
+        str, typer.Option(help="fp32, or fp16 (the reference's --amp; CUDA only).")
+    ] = "fp32",
+    dtype: Annotated[
+        str | None, typer.Option(help="Project precision override: auto, fp32, bf16, fp16.")
+    ] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--nchw", help="Project layout override.")
+    ] = None,
+    compile_: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="Project torch.compile override.")
+    ] = None,
+    rounds: RoundsOption = 5,
+    steps: Annotated[int, typer.Option(min=1, help="Steps per variant per round.")] = 2,
+    warmup: Annotated[int, typer.Option(min=1, help="Untimed steps first (compiles).")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    cpu_time: Annotated[
+        bool,
+        typer.Option(
+            "--cpu-time", help="Count CPU seconds, not wall (CPU; with --threads 1: per core)."
+        ),
+    ] = False,
+    json_path: JsonOption = None,
+) -> None:
+    """Images/s of forward+backward+SGD: torchvision's reference step vs the project's."""
+    from wrn_cluster.bench import train_step
+    from wrn_cluster.models import UnknownModelError
+
+    overrides = {"dtype": dtype, "channels_last": channels_last, "compile": compile_}
+    try:
+        comparison = train_step.run(
+            model,
+            image_size,
+            batch,
+            device,
+            baseline,
+            {k: v for k, v in overrides.items() if v is not None},
+            rounds,
+            steps,
+            warmup,
+            threads=threads,
+            cpu_time=cpu_time,
+            say=_progress,
+        )
+    except (ValueError, UnknownModelError) as error:
+        raise fail(str(error)) from None
+    _report(comparison, json_path)
+
+
+@bench_app.command("input")
+def bench_input(
+    images: Annotated[int, typer.Option(min=8, help="Photo JPEGs to write and read.")] = 256,
+    size: Annotated[int, typer.Option(min=8, help="Output side, as the training crop.")] = 224,
+    batch: Annotated[int, typer.Option(min=1, help="DataLoader batch.")] = 32,
+    rounds: RoundsOption = 5,
+    folder: Annotated[
+        Path | None, typer.Option(help="An imagefolder to read instead (train/<class>/*.jpg).")
+    ] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Images/s per core: torchvision ImageFolder + PIL classic transforms vs the project's."""
+    from wrn_cluster.bench import input_pipeline
+
+    comparison = input_pipeline.run(images, size, batch, rounds, folder, say=_progress)
+    _report(comparison, json_path)
+
+
+@bench_app.command("ray-overhead")
+def bench_ray_overhead(
+    model: Annotated[str, typer.Option(help="Network.")] = "wrn-16-2",
+    images: Annotated[int, typer.Option(min=16, help="Training images in the epoch.")] = 4096,
+    size: Annotated[int, typer.Option(min=8, help="Training crop side.")] = 32,
+    batch: Annotated[int, typer.Option(min=2, help="Global batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=1, help="Training processes.")] = 2,
+    loader_workers: Annotated[int, typer.Option(min=0, help="DataLoader processes each.")] = 0,
+    rounds: RoundsOption = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """One epoch as a Ray Train job vs plain torch.distributed (gloo), same data and loop."""
+    from wrn_cluster.bench import ray_overhead
+
+    comparison = ray_overhead.run(
+        model, images, size, batch, workers, loader_workers, rounds, say=_progress
+    )
+    _report(comparison, json_path)
+
+
+@bench_app.command("table")
+def bench_table(
+    files: Annotated[list[Path], typer.Argument(help="JSON files written with --json.")],
+) -> None:
+    """One Markdown table of bench results."""
+    from wrn_cluster.bench.common import markdown_table
+
+    out.print(markdown_table([json.loads(p.read_text()) for p in files]), markup=False)
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from wrn_cluster import data, tracking
+from wrn_cluster import data, preflight, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.launcher import DASHBOARD_ENV, JOB_ID_ENV
-from wrn_cluster.spec import ClassifyJob, SpecError, TuneJob, load
+from wrn_cluster.spec import ClassifyJob, DetectJob, SpecError, TuneJob, load
 
 
 class JobError(Exception):
@@ -40,10 +40,18 @@ class ProgressPrinter(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
         saved = f"  checkpoint -> {checkpoint.path}" if checkpoint else ""
+        if "AP" in m:  # a detection job: COCO's numbers
+            scores = (
+                f"train loss {m['train_loss']:.4f}  AP {m['AP']:.3f} AP50 {m['AP50']:.3f} "
+                f"AP75 {m['AP75']:.3f} APs {m['APs']:.3f} APm {m['APm']:.3f} APl {m['APl']:.3f}"
+            )
+        else:
+            scores = (
+                f"train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}  val loss "
+                f"{m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
+            )
         print(
-            f"[{self.job_name}] epoch {m['epoch']}/{self.epochs}  "
-            f"train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}  "
-            f"val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}  "
+            f"[{self.job_name}] epoch {m['epoch']}/{self.epochs}  {scores}  "
             f"lr {m['lr']:.4g}  {m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s"
             f"{saved}",
             flush=True,
@@ -52,28 +60,20 @@ class ProgressPrinter(UserCallback):
 
 def check_resources(spec: ClassifyJob) -> None:
     """Fail in seconds, not hang, when the cluster cannot hold the job's workers."""
-    scaling = spec.scaling
-    asked = {"CPU": scaling.workers * scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        asked["GPU"] = scaling.workers * scaling.gpus_per_worker
-    have = ray.cluster_resources()
-    short = {k: v for k, v in asked.items() if v > have.get(k, 0)}
-    if short:
-        wanted = ", ".join(f"{v:g} {k}" for k, v in asked.items())
-        exists = ", ".join(f"{have.get(k, 0):g} {k}" for k in asked)
-        raise JobError(
-            f"job {spec.name!r} asks for {wanted} ({scaling.workers} workers x "
-            f"{scaling.cpus_per_worker:g} CPU"
-            + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else "")
-            + f"), but the cluster has {exists}; lower scaling.workers, "
-            "scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"
-        )
+    problem = preflight.resource_problem(spec, ray.cluster_resources())
+    if problem:
+        raise JobError(problem)
 
 
 def build_trainer(
-    spec: ClassifyJob, callbacks: list | None = None, tracking_context: dict | None = None
+    spec: ClassifyJob | DetectJob,
+    callbacks: list | None = None,
+    tracking_context: dict | None = None,
 ) -> TorchTrainer:
-    from wrn_cluster.train.loop import train_classifier
+    if spec.kind == "detect":
+        from wrn_cluster.train.detect import train_detector as train_func
+    else:
+        from wrn_cluster.train.loop import train_classifier as train_func
 
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -81,7 +81,7 @@ def build_trainer(
         resources["GPU"] = scaling.gpus_per_worker
     storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
     return TorchTrainer(
-        train_classifier,
+        train_func,
         train_loop_config={"spec": spec.model_dump(mode="json"), "tracking": tracking_context},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -103,17 +103,31 @@ def build_trainer(
     )
 
 
-def prepare(spec: ClassifyJob) -> None:
-    """Everything that can fail before Ray starts: the kind, the data (written if synthetic)."""
-    if spec.kind not in ("classify", "tune"):
-        raise JobError(f"job {spec.name!r}: kind {spec.kind!r} is not supported yet")
+def prepare(spec: ClassifyJob | DetectJob | TuneJob) -> None:
+    """Everything that can fail before Ray starts: the data (written if synthetic), and a
+    detector's backbone weights."""
     try:
         data.prepare(spec)
     except data.DataError as error:
         raise JobError(str(error)) from None
+    weights = getattr(spec.model, "backbone_weights", None)
+    if weights:
+        from wrn_cluster.train.checkpoint import weights_path
+
+        try:
+            weights_path(weights)
+        except (*storage.access_errors(), FileNotFoundError) as error:
+            raise JobError(
+                f"model.backbone_weights: {error}; point it at a classifier's checkpoint (its "
+                "state.pt, its folder, or the job's run folder for the newest) of the same arch"
+            ) from None
 
 
-def run(spec: ClassifyJob | TuneJob, job_id: str | None = None, dashboard_url: str | None = None):
+def run(
+    spec: ClassifyJob | DetectJob | TuneJob,
+    job_id: str | None = None,
+    dashboard_url: str | None = None,
+):
     """Run a prepared job on the Ray cluster this process is connected to: a Train result,
     or for a search, Tune's result grid."""
     check_resources(spec)  # for a search: what one trial needs
@@ -161,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         prepare(spec)
+        preflight.check(spec)
         ray.init()
         run(spec, os.environ.get(JOB_ID_ENV), os.environ.get(DASHBOARD_ENV))
-    except JobError as error:
+    except (JobError, preflight.PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

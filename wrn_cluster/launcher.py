@@ -43,21 +43,27 @@ def dashboard_url(address: str) -> str:
     return address if address.startswith("http") else f"http://{address}"
 
 
+def local_cpus() -> int:
+    """CPUs of the embedded Ray: WRN_CLUSTER_LOCAL_CPUS, else this machine's (at least 4)."""
+    return int(os.environ.get("WRN_CLUSTER_LOCAL_CPUS", max(4, os.cpu_count() or 1)))
+
+
 def run_local(spec: Spec, say: Callable[[str], None]) -> int:
     """Start an embedded Ray, run the job's driver here, print what a cluster run prints."""
     import ray
 
-    from wrn_cluster import driver
+    from wrn_cluster import driver, preflight
 
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        driver.prepare(spec)
-    except driver.JobError as error:
+        driver.prepare(spec)  # the data, written first if synthetic
+        preflight.check(spec)  # checkpoint storage, tracking server, registered model name
+    except (driver.JobError, preflight.PreflightError) as error:
         raise LaunchError(str(error)) from None
     # The dashboard's Train view lists runs only when the trainer records their state.
     os.environ.setdefault(TRAIN_STATE_TRACKING, "1")
     context = ray.init(
-        num_cpus=int(os.environ.get("WRN_CLUSTER_LOCAL_CPUS", max(4, os.cpu_count() or 1))),
+        num_cpus=local_cpus(),
         object_store_memory=256 * 1024**2,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -89,6 +95,28 @@ def _client(address: str):
             f"cannot reach the Ray Jobs API at {dashboard_url(address)} ({error}); check "
             "--address / RAY_ADDRESS (the dashboard, port 8265) and that the cluster is up"
         ) from None
+
+
+def cluster_resources(address: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """Total resources of the cluster's live nodes, read from its dashboard."""
+    from ray.util.state import list_nodes
+
+    url = dashboard_url(address)
+    try:
+        nodes = list_nodes(
+            address=url, filters=[("state", "=", "ALIVE")], timeout=max(1, round(timeout_s))
+        )
+    except Exception as error:  # connection, HTTP and Ray's own state-API errors alike
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LaunchError(
+            f"cannot read the resources of the cluster at {url} ({first.split('. ')[0]}); check "
+            "--address / RAY_ADDRESS (the dashboard, port 8265) and that the cluster is up"
+        ) from None
+    total: dict[str, float] = {}
+    for node in nodes:
+        for key, value in (node.resources_total or {}).items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return total
 
 
 def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], None]) -> int:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -39,8 +40,17 @@ class Section(BaseModel):
 
 def absolute_if_local(url: str | None) -> str | None:
     """Relative local paths mean 'from where I ran the command', also inside Ray workers,
-    whose working directory is not the user's."""
-    if url is None or "://" in url:
+    whose working directory is not the user's. A URL with a scheme is used as written, so it
+    may not climb out of its prefix with '.' or '..' segments (plain or %-encoded)."""
+    if url is None:
+        return url
+    if "://" in url:
+        path = url.split("://", 1)[1]
+        if any(unquote(part) in (".", "..") for part in path.replace("\\", "/").split("/")):
+            raise ValueError(
+                "'.' and '..' segments are not allowed in a URL; write the folder it means, "
+                "e.g. s3://bucket/datasets/imagenet"
+            )
         return url
     return os.path.abspath(os.path.expanduser(url))
 
@@ -133,6 +143,9 @@ class ScheduleSection(Section):
     milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
     gamma: float = Field(0.2, gt=0.0, le=1.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(
+        0, ge=0, description="Warmup in optimizer steps instead of epochs (detection recipes)."
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -206,6 +219,13 @@ class JobBase(Section):
                 f"milestones {late} are not before the last epoch ({epochs}); "
                 "use milestones below schedule.epochs",
             )
+        if self.schedule.warmup_epochs and self.schedule.warmup_steps:
+            if "warmup_steps" in self.schedule.model_fields_set:
+                raise _FieldError(
+                    "schedule.warmup_steps",
+                    "give the warmup in epochs or in steps, not both; set one of them to 0",
+                )
+            self.schedule.warmup_steps = 0  # epochs the user wrote beat a recipe's default steps
         if self.schedule.warmup_epochs >= epochs:
             raise _FieldError(
                 "schedule.warmup_epochs",
@@ -277,6 +297,69 @@ class ClassifyJob(JobBase):
         return self.data.dataset != "svhn"
 
 
+class DetectModel(Section):
+    """A WRN backbone under torchvision's Faster R-CNN with an FPN."""
+
+    arch: str = Field("wrn-50-2", description="Backbone: an ImageNet WRN, wrn-18/34-K or wrn-50-2.")
+    backbone_weights: str | None = Field(
+        None,
+        description="fsspec URL of a wrn-cluster classifier of the same arch to start the "
+        "backbone from: a checkpoint's state.pt or folder, or a job's run folder (its newest "
+        "checkpoint); none: from scratch.",
+    )
+    trainable_layers: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Backbone stages trained, counted from the top (5: all); 3 with "
+        "backbone_weights and 5 without, as torchvision.",
+    )
+    frozen_bn: bool | None = Field(
+        None,
+        description="Freeze the backbone's BatchNorm statistics and affine (FrozenBatchNorm2d); "
+        "on with backbone_weights, off without, as torchvision.",
+    )
+
+    _known_arch = field_validator("arch")(ModelSection._known_arch.__func__)
+
+    @property
+    def layers_trained(self) -> int:
+        if self.trainable_layers is not None:
+            return self.trainable_layers
+        return 3 if self.backbone_weights else 5
+
+    @property
+    def batchnorm_frozen(self) -> bool:
+        return self.frozen_bn if self.frozen_bn is not None else bool(self.backbone_weights)
+
+
+class DetectorSection(Section):
+    """torchvision's Faster R-CNN settings; the defaults are torchvision's."""
+
+    type: Literal["fasterrcnn_fpn"] = "fasterrcnn_fpn"
+    fpn_channels: int = Field(256, ge=8, description="Channels of every FPN level.")
+    box_head_size: int = Field(1024, ge=8, description="Width of the two-layer box head.")
+    anchor_sizes: list[int] = Field(
+        default_factory=lambda: [32, 64, 128, 256, 512],
+        min_length=5,
+        max_length=5,
+        description="Anchor side per FPN level (P2..P6), in pixels of the resized image.",
+    )
+    rpn_train_proposals: int = Field(2000, ge=1, description="RPN proposals kept in training.")
+    rpn_test_proposals: int = Field(1000, ge=1, description="RPN proposals kept in evaluation.")
+    box_samples_per_image: int = Field(512, ge=1, description="RoIs sampled per training image.")
+    detections_per_image: int = Field(100, ge=1)
+    score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="Lowest score reported.")
+
+
+class SynthCocoSection(Section):
+    """Synthetic shapes in COCO format, written on first run when the dataset is missing."""
+
+    images: int = Field(200, ge=2, description="Images in train and val together.")
+    size: int = Field(96, ge=32, description="Longer image side in pixels.")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+
+
 class DetectData(Section):
     dataset: Literal["coco"] = "coco"
     url: str = Field(..., description="fsspec URL of a COCO root (images + annotations).")
@@ -284,18 +367,106 @@ class DetectData(Section):
     val_annotations: str = "annotations/instances_val2017.json"
     train_images: str = "train2017"
     val_images: str = "val2017"
-    batch_size: int = Field(16, ge=1)
-    min_size: int = Field(800, ge=32)
-    max_size: int = Field(1333, ge=32)
+    batch_size: int = Field(16, ge=1, description="Global batch size across all workers.")
+    min_size: int = Field(800, ge=32, description="Shorter side the detector resizes to.")
+    max_size: int = Field(1333, ge=32, description="Cap on the longer side after resizing.")
+    flip: bool = Field(True, description="Horizontal flip (boxes move with it) in training.")
+    keep_empty_images: bool = Field(
+        False, description="Train on images without boxes too (torchvision drops them)."
+    )
+    group_aspect_ratio: bool = Field(
+        True, description="Batch wide images with wide, tall with tall (less padding)."
+    )
     loader_workers: int = Field(2, ge=0)
+    synthesize: SynthCocoSection | None = Field(
+        None, description="Write synthetic shapes in COCO format to url on first run."
+    )
 
     _absolute_url = field_validator("url")(absolute_if_local)
 
 
+class DetectOptimizer(OptimizerSection):
+    """torchvision's detection recipe: plain momentum SGD, lr 0.02 per 16 images, wd 1e-4."""
+
+    lr: float = Field(0.02, gt=0.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0)
+    scale_lr_with_batch: bool = True
+    base_batch_size: int = Field(16, ge=1)
+
+
+class DetectSchedule(ScheduleSection):
+    """torchvision's 26-epoch recipe: x0.1 at 16 and 22, 1000 warmup steps."""
+
+    epochs: int = Field(26, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [16, 22])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_steps: int = Field(1000, ge=0)
+
+
+class DetectTracking(TrackingSection):
+    promotion_metric: str = "AP"
+
+
 class DetectJob(JobBase):
     kind: Literal["detect"]
+    model: DetectModel = Field(default_factory=DetectModel)  # type: ignore[assignment]
     data: DetectData
-    detector: Literal["fasterrcnn_fpn"] = "fasterrcnn_fpn"
+    detector: DetectorSection = Field(default_factory=DetectorSection)
+    optimizer: DetectOptimizer = Field(default_factory=DetectOptimizer)  # type: ignore[assignment]
+    schedule: DetectSchedule = Field(default_factory=DetectSchedule)  # type: ignore[assignment]
+    tracking: DetectTracking = Field(default_factory=DetectTracking)  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _detector_fits(self) -> DetectJob:
+        info = parse_name(self.model.arch)
+        if info.family == "cifar":
+            raise _FieldError(
+                "model.arch",
+                f"{self.model.arch} is a CIFAR/SVHN network; detection backbones are the "
+                "ImageNet WRNs: wrn-18-K, wrn-34-K, wrn-50-K, wrn-101-K (e.g. wrn-50-2)",
+            )
+        model = self.model
+        if not model.backbone_weights and model.layers_trained < 5:
+            raise _FieldError(
+                "model.trainable_layers",
+                "freezing backbone layers keeps their random initial weights; set "
+                "model.backbone_weights or leave trainable_layers at 5",
+            )
+        if not model.backbone_weights and model.batchnorm_frozen:
+            raise _FieldError(
+                "model.frozen_bn",
+                "a frozen BatchNorm of a backbone trained from scratch normalizes nothing; "
+                "set model.backbone_weights or frozen_bn: false",
+            )
+        if self.data.min_size > self.data.max_size:
+            raise _FieldError(
+                "data.min_size",
+                f"min_size {self.data.min_size} is above max_size {self.data.max_size}; "
+                "lower min_size or raise max_size",
+            )
+        if self.precision.compile:
+            raise _FieldError(
+                "precision.compile",
+                "torch.compile is not used for detection (dynamic shapes); set it to false",
+            )
+        if self.optimizer.label_smoothing:
+            raise _FieldError(
+                "optimizer.label_smoothing", "label smoothing is for classification; set it to 0"
+            )
+        micro = self.scaling.workers * self.optimizer.grad_accum_steps
+        if self.data.batch_size % micro:
+            raise _FieldError(
+                "data.batch_size",
+                f"{self.data.batch_size} does not split evenly over {self.scaling.workers} "
+                f"workers x {self.optimizer.grad_accum_steps} accumulation steps; use a multiple "
+                f"of {micro}",
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.data.batch_size // (self.scaling.workers * self.optimizer.grad_accum_steps)
 
 
 class SearchDim(Section):
@@ -517,6 +688,51 @@ def _node_lines(node: yaml.Node, path: tuple, out: dict) -> None:
             _node_lines(item, (*path, i), out)
 
 
+# A job spec is a few hundred values; aliases of aliases can expand a small file to billions.
+MAX_VALUES = 10_000
+
+
+class _CyclicAlias(Exception):
+    pass
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
+    """Values the YAML holds once its aliases are expanded; raises _CyclicAlias for an alias
+    inside its own anchor. Linear in the document, however much it would expand."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_nodes:
+        raise _CyclicAlias
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, memo, open_nodes) for child in children)
+    open_nodes.discard(key)
+    memo[key] = min(size, MAX_VALUES + 1)
+    return memo[key]
+
+
+def _size_problem(node: yaml.Node, source: str) -> Problem | None:
+    try:
+        size = _expanded_size(node, {}, set())
+    except _CyclicAlias:
+        return Problem(source, None, "", "a YAML alias refers to its own anchor; remove the cycle")
+    if size > MAX_VALUES:
+        return Problem(
+            source,
+            None,
+            "",
+            f"the YAML expands to more than {MAX_VALUES} values (aliases of aliases); "
+            "write the spec out without nested aliases",
+        )
+    return None
+
+
 def _line_of(lines: dict, path: tuple) -> int | None:
     while path not in lines and path:
         path = path[:-1]
@@ -568,7 +784,9 @@ def _describe_error(error: dict, kind: str | None) -> tuple[tuple, str]:
         message = str(ctx_error) if ctx_error else error["msg"]
         return loc, f"{message} (got {value!r})" if not isinstance(value, dict) else message
     shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-    return loc, f"{error['msg'].rstrip('.').lower()}{shown}"
+    message = error["msg"].rstrip(".")
+    # Lower-case the first letter only: the rest may quote a pattern or a value.
+    return loc, f"{message[:1].lower()}{message[1:]}{shown}"
 
 
 def _set_override(tree: dict, assignment: str) -> None:
@@ -597,6 +815,9 @@ def parse(
     """Validate YAML text (plus ``--set`` overrides); raise SpecError listing every problem."""
     try:
         node = yaml.compose(text)
+        too_big = _size_problem(node, source) if node is not None else None
+        if too_big:
+            raise SpecError([too_big])
         tree = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
@@ -611,6 +832,15 @@ def parse(
                     f"{err.problem}; fix the indentation or quoting there",
                 )
             ]
+        ) from None
+    except yaml.YAMLError as err:  # the reader's: control characters YAML does not allow
+        first = (str(err).strip().splitlines() or ["unreadable"])[0]
+        raise SpecError(
+            [Problem(source, None, "", f"not YAML text ({first}); remove that character")]
+        ) from None
+    except RecursionError:
+        raise SpecError(
+            [Problem(source, None, "", "nested too deeply for a job spec; flatten it")]
         ) from None
     if not isinstance(tree, dict):
         raise SpecError(

@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from wrn_cluster.spec import ClassifyJob, flatten, home, to_yaml
 
@@ -177,8 +178,17 @@ def _experiment_id(client, context: dict, name: str) -> str:
         return found.experiment_id
     location = None
     if context["tracking_uri"].startswith("sqlite:"):  # keep artifacts under the home too
-        location = Path(context["artifact_root"], name).as_uri()
+        location = artifact_location(context["artifact_root"], name)
     return client.create_experiment(name, artifact_location=location)
+
+
+def artifact_location(root: str, experiment: str) -> str:
+    """The file: URI of an experiment's artifacts: one folder under ``root``, whatever the name
+    (a '/', '..' or absolute path in tracking.experiment cannot place them elsewhere)."""
+    folder = quote(experiment, safe=" ")
+    if folder in (".", ".."):
+        folder = folder.replace(".", "%2E")
+    return Path(root, folder).as_uri()
 
 
 def _tags(spec, context: dict) -> dict[str, str]:

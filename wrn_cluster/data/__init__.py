@@ -1,4 +1,5 @@
-"""Datasets for classification jobs: imagefolder (local or S3), CIFAR-10/100, SVHN, synthetic.
+"""Datasets: imagefolder (local or S3), CIFAR-10/100, SVHN and synthetic ones for classification;
+COCO-format detection data (``coco``).
 
 ``prepare(spec)`` runs on the driver before any worker starts: it writes synthetic data when asked
 and checks the dataset by listing it, so a wrong URL fails in seconds, not inside every worker.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from wrn_cluster.spec import ClassifyJob
+    from wrn_cluster.spec import ClassifyJob, DetectJob
 
 
 class DataError(Exception):
@@ -44,18 +45,35 @@ def _reading(url: str) -> Iterator[None]:
         ) from None
 
 
-def prepare(spec: ClassifyJob) -> None:
-    """Write synthetic data if asked and absent, then check the dataset; raise DataError if bad."""
+class Prepared(NamedTuple):
+    """What prepare() found: training images (None where counting them is not cheap), and
+    whether synthetic data was written (in a dry run: would be)."""
+
+    train_images: int | None
+    synthetic: bool
+
+
+def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
+    """Write synthetic data if asked and absent, then check the dataset; raise DataError if bad.
+
+    With ``write=False`` (a dry run) nothing is written; a dataset that would be synthesized is
+    then counted from data.synthesize instead of being listed.
+    """
     data = spec.data
     with _reading(data.url):
+        if data.dataset == "coco":
+            from wrn_cluster.data import coco
+
+            return coco.prepare(spec, write)
         if data.dataset == "imagefolder":
-            from wrn_cluster.data import imagefolder
+            from wrn_cluster.data import imagefolder, synthetic
 
-            if data.synthesize is not None and imagefolder.is_missing_or_empty(data.url):
-                from wrn_cluster.data.synthetic import write_imagefolder
-
-                synth = data.synthesize
-                write_imagefolder(
+            synth = data.synthesize
+            if synth is not None and imagefolder.is_missing_or_empty(data.url):
+                if not write:
+                    per_class = synthetic.train_per_class(synth.per_class, synth.val_fraction)
+                    return Prepared(synth.classes * per_class, synthetic=True)
+                synthetic.write_imagefolder(
                     data.url,
                     synth.classes,
                     synth.per_class,
@@ -63,11 +81,20 @@ def prepare(spec: ClassifyJob) -> None:
                     synth.val_fraction,
                     spec.seed,
                 )
-            imagefolder.scan(data.url)
-        else:
-            from wrn_cluster.data import cifar
+                return Prepared(len(imagefolder.scan(data.url)[1]), synthetic=True)
+            return Prepared(len(imagefolder.scan(data.url)[1]), synthetic=False)
+        from wrn_cluster.data import cifar
 
-            cifar.check(data.dataset, data.url)
+        cifar.check(data.dataset, data.url)
+        return Prepared(cifar.TRAIN_IMAGES.get(data.dataset), synthetic=False)
+
+
+def build_detection_datasets(spec: DetectJob) -> tuple[Dataset, Dataset, Any, dict]:
+    """(train, val, categories, the val annotation file): see ``coco.build``."""
+    with _reading(spec.data.url):
+        from wrn_cluster.data import coco
+
+        return coco.build(spec)
 
 
 def num_classes(spec: ClassifyJob) -> int:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from wrn_cluster.data import DataError
 from wrn_cluster.data.storage import filesystem, join
-from wrn_cluster.data.transforms import Augment, PadCropFlip, item_generator
+from wrn_cluster.data.transforms import Augment, PadCropFlip, SharedEpoch, item_generator
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ WHERE_TO_GET = {
     "svhn": "download the cropped-digit files from http://ufldl.stanford.edu/housenumbers/",
 }
 SVHN_EXTRA = "extra_32x32.mat"
+# Training images of each release (SVHN without its extra set), for plans made before loading.
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257}
 
 
 def locate(dataset: str, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -135,10 +137,14 @@ class ImageTensors(Dataset):
         self.labels = torch.from_numpy(labels)
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        self.shared_epoch = SharedEpoch()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shared_epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
 
     def __len__(self) -> int:
         return len(self.labels)

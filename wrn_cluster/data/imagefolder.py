@@ -7,7 +7,6 @@ listing per split (one paged LIST on S3), so checking a dataset decodes nothing.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -19,9 +18,8 @@ from torch.utils.data import Dataset
 from wrn_cluster.data import DataError
 from wrn_cluster.data.storage import filesystem, join
 from wrn_cluster.data.transforms import (
-    RRC_RATIO,
-    RRC_SCALE,
     RandomResizedCropFlip,
+    SharedEpoch,
     decode,
     item_generator,
     resize_center_crop,
@@ -44,13 +42,28 @@ class SplitIndex:
         return len(self.labels)
 
 
-def _subfolders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def _subfolders(fs: fsspec.AbstractFileSystem, url: str, path: str) -> list[str]:
     names = []
     for entry in fs.ls(path, detail=True):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if entry["type"] == "directory" and not name.startswith("."):
             names.append(name)
+            _check_class_name(url, path, name)
     return sorted(names)
+
+
+def _check_class_name(url: str, path: str, name: str) -> None:
+    """Class names travel to MLflow, JSON and the model's metadata, which hold UTF-8 only."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.fsencode gives back the folder's raw bytes; show them escaped, printable anywhere.
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+        split = path.rstrip("/").rsplit("/", 1)[-1]
+        raise DataError(
+            f"{url}/{split}/{shown}: this class folder's name is not UTF-8; rename it (class "
+            "names are stored in MLflow and in the model)"
+        ) from None
 
 
 def _scan_split(
@@ -62,7 +75,7 @@ def _scan_split(
             f"{url}: no {split}/ folder; an imagefolder dataset holds {LAYOUT}, so add "
             f"{split}/ with one subfolder of images per class"
         )
-    folders = _subfolders(fs, split_root)
+    folders = _subfolders(fs, url, split_root)
     if classes is None:
         classes = folders
         if not classes:
@@ -94,7 +107,9 @@ def _scan_split(
                 f"{url}/{split}/{name}: no {', '.join(IMAGE_EXTENSIONS)} images in this class "
                 "folder; add images or remove the folder"
             )
-    index = SplitIndex(np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64))
+    # os.fsencode keeps any file name, also one that is not UTF-8 (surrogate-escaped on Linux).
+    encoded = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+    index = SplitIndex(encoded, np.array(labels, dtype=np.int64))
     return classes, index
 
 
@@ -136,16 +151,17 @@ class ImageFolder(Dataset):
         self.eval_resize = eval_resize
         self.augment = RandomResizedCropFlip(size) if augment else None
         self.seed = seed
-        self.epoch = 0
+        self.shared_epoch = SharedEpoch()
         self._fs, root = filesystem(url)
         self._fs_pid = os.getpid()
         self.split_root = join(root, split)
-        # Decode JPEGs at reduced scale when even the smallest crop keeps `size` pixels.
-        smallest_crop_fraction = math.sqrt(RRC_SCALE[0] * RRC_RATIO[0])
-        self.min_side = math.ceil(size / smallest_crop_fraction) if augment else eval_resize
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shared_epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -162,13 +178,15 @@ class ImageFolder(Dataset):
         return {**self.__dict__, "_fs": None}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = join(self.split_root, self.index.paths[index].decode())
+        path = join(self.split_root, os.fsdecode(self.index.paths[index]))
         try:
-            image = decode(self.fs.cat_file(path), self.min_side)
+            data = self.fs.cat_file(path)
             if self.augment is not None:
-                image = self.augment(image, item_generator(self.seed, self.epoch, index))
+                image = self.augment.decoded(data, item_generator(self.seed, self.epoch, index))
             else:
-                image = resize_center_crop(image, self.eval_resize, self.size)
+                image = resize_center_crop(
+                    decode(data, self.eval_resize), self.eval_resize, self.size
+                )
         except Exception as error:  # a bad file must not stop a long run; the loop counts it
             log.warning("skipping unreadable image %s: %s", path, error)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1

@@ -18,8 +18,12 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 
-def s3_options() -> dict[str, Any]:
-    """s3fs keyword arguments read from the environment; holds secrets, so never log it."""
+def s3_options(timeout_s: float | None = None) -> dict[str, Any]:
+    """s3fs keyword arguments read from the environment; holds secrets, so never log it.
+
+    With ``timeout_s``, connections and reads time out after it and nothing is retried, so a
+    wrong endpoint fails in seconds (preflight) rather than after botocore's backoff.
+    """
     options: dict[str, Any] = {
         # S3-compatible stores (MinIO, Ceph, moto) reject the newer default checksums.
         "config_kwargs": {
@@ -27,6 +31,12 @@ def s3_options() -> dict[str, Any]:
             "response_checksum_validation": "when_required",
         },
     }
+    if timeout_s is not None:
+        options["config_kwargs"].update(
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"max_attempts": 1, "mode": "standard"},
+        )
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -41,12 +51,17 @@ def s3_options() -> dict[str, Any]:
     return options
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a dataset or storage URL; local paths come back absolute."""
+def filesystem(url: str, timeout_s: float | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a dataset or storage URL; local paths come back absolute.
+
+    ``timeout_s`` bounds each S3 request and turns retries off (for checks that must be quick).
+    """
     if url.startswith(("s3://", "s3a://")):
         import s3fs
 
-        fs = s3fs.S3FileSystem(**s3_options())
+        fs = s3fs.S3FileSystem(**s3_options(timeout_s))
+        if timeout_s is not None:
+            fs.retries = 1  # s3fs's own retry loop, on top of botocore's
         return fs, fs._strip_protocol(url).rstrip("/")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/") or "/"

@@ -2,7 +2,10 @@
 
 Training items are augmented from ``item_generator(seed, epoch, index)``, so an item looks the
 same whatever the DataLoader worker count, the worker it lands on, or the number of DDP ranks.
-Normalization is left to the training loop, which does it on the device.
+Normalization is left to the training step, which does it on the device.
+
+JPEGs decode through libjpeg-turbo (simplejpeg), at 1/2, 1/4 or 1/8 scale wherever the view still
+gets twice the pixels it needs; other formats, and JPEGs libjpeg-turbo refuses, through PIL.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
@@ -31,6 +35,20 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
     return generator
+
+
+class SharedEpoch:
+    """The epoch number in shared memory, so DataLoader workers that persist from one epoch to
+    the next (forked or spawned before ``set``) draw from the epoch the loop set last."""
+
+    def __init__(self) -> None:
+        self._value = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(epoch)
+
+    def __int__(self) -> int:
+        return int(self._value)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -84,6 +102,23 @@ class RandomResizedCropFlip:
         image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
         return random_flip(image, generator)
 
+    def decoded(self, data: bytes, generator: torch.Generator) -> torch.Tensor:
+        """The view of an encoded image, as ``self(decode(data), generator)``, but a JPEG is
+        decoded at the smallest 1/2^k scale whose crop still spans ``2 * size`` pixels."""
+        shape = jpeg_shape(data)
+        if shape is None:
+            return self(decode(data), generator)
+        top, left, h, w = random_resized_crop_box(*shape, generator)
+        factor = reduction(min(h, w), self.size)
+        image = decode_jpeg(data, shape, factor)
+        height, width = image.shape[-2:]
+        if (height, width) != shape:  # decoded smaller: the same box in its pixels
+            top, left = top * height // shape[0], left * width // shape[1]
+            h = min(max(1, round(h * height / shape[0])), height - top)
+            w = min(max(1, round(w * width / shape[1])), width - left)
+        image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        return random_flip(image, generator)
+
 
 @dataclass(frozen=True)
 class PadCropFlip:
@@ -104,14 +139,67 @@ def resize_center_crop(image: torch.Tensor, resize: int, size: int) -> torch.Ten
     return F.center_crop(image, [size, size])
 
 
+def check_pixels(height: int, width: int) -> None:
+    """Refuse an image larger than PIL's decompression-bomb limit before decoding it: a small
+    file can declare 20000x20000 pixels, 1.2 GB once decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} pixels is over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header, without decoding; None if it is no JPEG.
+    Raises DecompressionBombError for one over the pixel limit."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    check_pixels(height, width)
+    return height, width
+
+
+def reduction(side: int, min_side: int | None) -> int:
+    """The largest of 1, 2, 4, 8 that keeps ``side / factor`` at least ``2 * min_side``."""
+    # The margin leaves the antialiased resize at least a 2x reduction to do, so the view
+    # matches a full-size decode (a JPEG's 1/8 scale alone is a coarse box filter).
+    factor = 1
+    while min_side and factor < 8 and side >= 4 * factor * min_side:
+        factor *= 2
+    return factor
+
+
+def decode_jpeg(data: bytes, shape: tuple[int, int], factor: int = 1) -> torch.Tensor:
+    """A JPEG at 1/factor scale as uint8 [3, H, W] (a view of HWC memory, which the resize
+    kernels read fastest); libjpeg-turbo's refusals fall back to PIL, which raises if corrupt."""
+    height, width = shape
+    try:
+        # DCT-domain scaling: 1/2 is the scale at which output is at least half of each side.
+        pixels = simplejpeg.decode_jpeg(
+            data, "RGB", min_height=-(-height // factor), min_width=-(-width // factor)
+        )
+    except ValueError:  # CMYK, or data libjpeg-turbo warns about: let PIL decide
+        return _decode_pil(data, min(height, width) // factor if factor > 1 else None)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
 def decode(data: bytes, min_side: int | None = None) -> torch.Tensor:
     """JPEG/PNG bytes to uint8 RGB [3, H, W]; raises on a corrupt or unreadable image.
 
-    With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay
-    at least ``min_side`` (PIL draft mode: much faster for large photos; the crop is resized
-    to at most ``min_side`` afterwards anyway).
+    With ``min_side``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at
+    least ``2 * min_side`` (much faster for large photos; the view is resized to at most
+    ``min_side`` afterwards anyway).
     """
-    with Image.open(io.BytesIO(data)) as image:
+    shape = jpeg_shape(data)
+    if shape is None:
+        return _decode_pil(data, min_side)
+    return decode_jpeg(data, shape, reduction(min(shape), min_side))
+
+
+def _decode_pil(data: bytes, min_side: int | None) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:  # raises itself above twice the limit
+        check_pixels(image.height, image.width)
         if min_side:
             image.draft("RGB", (min_side, min_side))
         rgb = image.convert("RGB")

@@ -1,9 +1,11 @@
-"""The paper's networks by name: ``build_model("wrn-28-10", num_classes=10)``."""
+"""The paper's networks by name: ``build_model("wrn-28-10", num_classes=10)``, and detectors on
+them: ``build_detector("wrn-50-2", num_classes=81)``."""
 
 from wrn_cluster.models.registry import (
     PAPER_VARIANTS,
     ModelInfo,
     UnknownModelError,
+    build_detector,
     build_model,
     count_params,
     describe,
@@ -15,6 +17,7 @@ __all__ = [
     "PAPER_VARIANTS",
     "ModelInfo",
     "UnknownModelError",
+    "build_detector",
     "build_model",
     "count_params",
     "describe",

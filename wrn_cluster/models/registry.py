@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from torch import nn
@@ -105,6 +105,14 @@ def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if info.family == "imagenet-basic":
         return imagenet.basic_wrn(info.depth, info.width, num_classes)
     return imagenet.bottleneck_wrn(info.depth, info.width, num_classes)
+
+
+def build_detector(arch: str, num_classes: int, **options: Any) -> nn.Module:
+    """Faster R-CNN with an FPN over the ImageNet WRN ``arch``; ``num_classes`` counts the
+    background. ``options`` are ``models.detection.build``'s (freezing, sizes, heads)."""
+    from wrn_cluster.models import detection
+
+    return detection.build(arch, num_classes, **options)
 
 
 def count_params(model: nn.Module) -> int:

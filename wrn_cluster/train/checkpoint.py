@@ -1,18 +1,50 @@
-"""What a checkpoint holds, so that a resumed run continues exactly where it stopped."""
+"""What a checkpoint holds, so that a resumed run continues exactly where it stopped, and how
+a checkpoint proves it is complete.
+
+``save`` writes the state, then a manifest of every file's size and SHA-256, last: a checkpoint
+without a manifest, or whose files differ from it, was cut short or damaged, and ``load`` refuses
+it. ``load_latest`` resumes from Ray's latest checkpoint or, if that one is broken, from the
+newest complete one before it. States load with ``torch.load(weights_only=True)`` only: a
+checkpoint that needs arbitrary pickle (and could run code) is refused.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    import ray.train
+
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+START_FRESH = "use another job name or checkpoint.storage to start fresh"
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says which and what to do."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A partial or damaged checkpoint: no manifest, or files that differ from it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would need arbitrary pickle (code from the file) to load."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint written for another network than the one the spec asks for."""
 
 
@@ -44,18 +76,173 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write the state, then the manifest (last, so that its presence means 'complete')."""
     path = Path(directory) / STATE_FILE
     torch.save(state, path)
+    write_manifest(directory)
     return path
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> None:
+    """Sizes and SHA-256 of every file in the checkpoint folder, written atomically."""
+    directory = Path(directory)
+    files = {
+        item.relative_to(directory).as_posix(): {
+            "size": item.stat().st_size,
+            "sha256": _sha256(item),
+        }
+        for item in sorted(directory.rglob("*"))
+        if item.is_file() and item.name not in (MANIFEST_FILE, f"{MANIFEST_FILE}.tmp")
+    }
+    scratch = directory / f"{MANIFEST_FILE}.tmp"
+    scratch.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+    os.replace(scratch, directory / MANIFEST_FILE)
+
+
+def verify(directory: str | Path) -> None:
+    """Raise CorruptCheckpointError unless every file the manifest lists is there, whole."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        listed = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"{directory}: no {MANIFEST_FILE}; the checkpoint was not completely written "
+            "(the manifest is written last)"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CorruptCheckpointError(
+            f"{directory}: {MANIFEST_FILE} is damaged ({type(error).__name__}: {error})"
+        ) from None
+    if STATE_FILE not in listed:
+        raise CorruptCheckpointError(f"{directory}: {MANIFEST_FILE} does not list {STATE_FILE}")
+    for name, (size, sha256) in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{directory}: {name} is missing; the manifest lists it")
+        if path.stat().st_size != size:
+            raise CorruptCheckpointError(
+                f"{directory}: {name} holds {path.stat().st_size} bytes, the manifest says "
+                f"{size}; it was cut short or overwritten"
+            )
+        if _sha256(path) != sha256:
+            raise CorruptCheckpointError(
+                f"{directory}: {name} does not match its SHA-256 in the manifest; it is damaged"
+            )
+
+
 def load(directory: str | Path, arch: str, num_classes: int) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True, refusing one made for another network."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """Read a verified checkpoint with weights_only=True, refusing one that is partial or
+    damaged, one that needs arbitrary pickle, and one made for another network."""
+    verify(directory)
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        holds = f" (it holds a {found.group(1)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"{path} needs arbitrary pickle to load{holds}; wrn-cluster loads checkpoints with "
+            "torch.load(weights_only=True) and never runs code from one: save tensors and plain "
+            f"Python values only, or {START_FRESH}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CorruptCheckpointError(
+            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from None
+    if not isinstance(state, dict) or "arch" not in state or "num_classes" not in state:
+        raise CorruptCheckpointError(f"{path} is not a wrn-cluster training state")
     if (state["arch"], state["num_classes"]) != (arch, num_classes):
         raise CheckpointMismatchError(
             f"the checkpoint in {directory} holds {state['arch']} with {state['num_classes']} "
-            f"classes, but the spec asks for {arch} with {num_classes}; use another job name "
-            "or checkpoint.storage to start fresh"
+            f"classes, but the spec asks for {arch} with {num_classes}; {START_FRESH}"
         )
     return state
+
+
+def load_latest(found: ray.train.Checkpoint, arch: str, num_classes: int) -> dict[str, Any]:
+    """The state of Ray's latest checkpoint; if it is partial or damaged, that of the newest
+    complete checkpoint before it in the same run folder, with a warning."""
+    try:
+        with found.as_directory() as directory:
+            return load(directory, arch, num_classes)
+    except CorruptCheckpointError as error:
+        broken = error
+    for older in _older_checkpoints(found):
+        try:
+            with older.as_directory() as directory:
+                state = load(directory, arch, num_classes)
+        except CorruptCheckpointError:
+            continue
+        warnings.warn(
+            f"the latest checkpoint is unusable ({broken}); resuming from the one before it, "
+            f"{older.path} (epoch {state.get('epoch')})",
+            stacklevel=2,
+        )
+        return state
+    run_folder = found.path.rstrip("/").rsplit("/", 1)[0]
+    raise CorruptCheckpointError(
+        f"{broken}; no complete checkpoint precedes it in {run_folder}; delete that folder "
+        f"or {START_FRESH}"
+    )
+
+
+def _older_checkpoints(found: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The checkpoint_* folders next to ``found`` that sort before it (Ray names them by
+    time), newest first, listed through the checkpoint's own filesystem (local, S3, ...)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    run_folder, _, name = found.path.rstrip("/").rpartition("/")
+    entries = found.filesystem.get_file_info(pyarrow.fs.FileSelector(run_folder))
+    older = sorted(
+        (
+            entry.base_name
+            for entry in entries
+            if entry.type == pyarrow.fs.FileType.Directory
+            and entry.base_name.startswith("checkpoint_")
+            and entry.base_name < name
+        ),
+        reverse=True,
+    )
+    return [Checkpoint(f"{run_folder}/{base}", found.filesystem) for base in older]
+
+
+def weights_path(url: str) -> tuple[Any, str]:
+    """(filesystem, state file) for a checkpoint URL: a state.pt, a checkpoint folder, or a
+    job's run folder, meaning its newest checkpoint (Ray names them checkpoint_<time>)."""
+    from wrn_cluster.data.storage import filesystem, join
+
+    fs, path = filesystem(url)
+    if path.endswith(".pt") or fs.isfile(join(path, STATE_FILE)):
+        return fs, path if path.endswith(".pt") else join(path, STATE_FILE)
+    found = sorted(fs.glob(join(path, "checkpoint_*", STATE_FILE)))
+    if not found:
+        raise FileNotFoundError(
+            f"{url}: no {STATE_FILE} there, nor checkpoint_*/{STATE_FILE} of a job's run folder"
+        )
+    return fs, found[-1]
+
+
+def read_weights(url: str, arch: str) -> dict[str, torch.Tensor]:
+    """The network weights of a wrn-cluster checkpoint at ``url`` (see ``weights_path``; any
+    fsspec URL), refusing one made for another network; e.g. to start a detector's backbone
+    from a classifier."""
+    fs, path = weights_path(url)
+    with fs.open(path, "rb") as handle:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    if state.get("arch") != arch:
+        raise CheckpointMismatchError(
+            f"{url} holds a {state.get('arch')} checkpoint, but model.arch is {arch}; point "
+            "model.backbone_weights at a checkpoint of the same network"
+        )
+    return state["model"]

@@ -1,0 +1,321 @@
+"""Preflight: what would stop a job, checked in seconds before any worker starts.
+
+``check(spec)`` is what every submit runs after the data check (``driver.prepare``): the
+checkpoint storage takes a write, the tracking server answers, the registered model name is
+usable. ``dry_run(spec, address)`` runs all of it without writing data or starting workers and
+returns the plan that ``wrn-cluster submit --dry-run`` prints. Nothing here imports ray at module
+level, and mlflow is reached only through tracking.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from wrn_cluster import data, tracking
+from wrn_cluster.data import storage
+from wrn_cluster.spec import ClassifyJob, DetectJob, JobBase, TuneJob
+
+Spec = ClassifyJob | DetectJob | TuneJob
+# Each remote check gives up after this long: a preflight that hangs would defeat its purpose.
+TIMEOUT_S = 5.0
+S3_HINT = (
+    "for s3:// check AWS_ENDPOINT_URL_S3 and the credentials in the environment "
+    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+)
+
+
+class PreflightError(Exception):
+    """One or more settings that would stop the job; each message names the setting and fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Report:
+    """What a dry run found: (check, result) rows and the (item, value) rows of the plan."""
+
+    checks: list[tuple[str, str]] = field(default_factory=list)
+    plan: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def check(spec: Spec) -> None:
+    """Storage, tracking server and model name; raise PreflightError listing every problem."""
+    report = Report()
+    _check_services(spec, report)
+    if report.problems:
+        raise PreflightError(report.problems)
+
+
+def dry_run(spec: Spec, address: str | None) -> Report:
+    """Every check, nothing written but a deleted marker; raise PreflightError if any fails."""
+    report = Report()
+    train_images = _check_data(spec, report)
+    _check_services(spec, report)
+    _check_resources(spec, address, report)
+    if report.problems:
+        raise PreflightError(report.problems)
+    report.plan = plan(spec, address, train_images)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks: each adds a row, and a problem when it fails
+
+
+def _check_data(spec: Spec, report: Report) -> int | None:
+    url = spec.data.url
+    try:
+        found = data.prepare(spec, write=False)
+    except data.DataError as error:
+        report.problems.append(str(error))
+        return None
+    if found.synthetic:
+        synth = spec.data.synthesize
+        what = (
+            f"synthetic COCO shapes ({synth.images} images, {synth.size}px)"
+            if isinstance(spec, DetectJob)
+            else f"synthetic JPEGs ({synth.classes} classes x {synth.per_class} images, "
+            f"{synth.size}px)"
+        )
+        report.checks.append(
+            (
+                "data",
+                f"{url}: missing or empty; the submit writes {what} there; nothing written now",
+            )
+        )
+    else:
+        counted = f", {found.train_images} training images" if found.train_images else ""
+        report.checks.append(("data", f"{url}: {spec.data.dataset}{counted}"))
+    return found.train_images
+
+
+def _check_services(spec: Spec, report: Report) -> None:
+    for run in (_check_storage, _check_tracking, _check_model_name):
+        run(spec, report)
+
+
+def _check_storage(spec: Spec, report: Report) -> None:
+    """Write, read back and delete a marker where the job's checkpoints will go."""
+    url = spec.checkpoint.storage_url()
+    setting = "checkpoint.storage" + ("" if spec.checkpoint.storage else " (unset)")
+    try:
+        fs, root = storage.filesystem(url, TIMEOUT_S)
+        folder = storage.join(root, spec.name)
+        marker = storage.join(folder, f".wrn-cluster-preflight-{uuid.uuid4().hex}")
+        payload = f"wrn-cluster preflight of job {spec.name}\n".encode()
+        created = _make_folder(fs, folder)
+        try:
+            fs.pipe_file(marker, payload)
+            back = fs.cat_file(marker)
+            fs.rm_file(marker)
+        finally:
+            _remove_folders(fs, created)
+    except Exception as error:  # any store, transport or permission error is the finding
+        report.problems.append(_storage_problem(setting, url, error))
+        return
+    if back != payload:
+        report.problems.append(
+            f"{setting}: {url} returned other bytes than were written; point it at a "
+            "consistent store"
+        )
+        return
+    report.checks.append(("checkpoint storage", f"{url}: writable (marker written, read, deleted)"))
+
+
+def _make_folder(fs, folder: str) -> list[str]:
+    """Folders exist only on local-like filesystems; create them, return the ones created."""
+    if "s3" in fs.protocol or "s3a" in fs.protocol:
+        return []  # object stores have no folders (and s3fs's makedirs would create a bucket)
+    missing = []
+    path = folder
+    while path and not fs.exists(path):
+        missing.append(path)
+        parent = path.rsplit("/", 1)[0]
+        if parent == path:
+            break
+        path = parent
+    fs.makedirs(folder, exist_ok=True)
+    return missing
+
+
+def _remove_folders(fs, created: list[str]) -> None:
+    for path in created:  # deepest first; a folder someone else wrote into meanwhile stays
+        try:
+            fs.rmdir(path)
+        except OSError:
+            return
+
+
+def _storage_problem(setting: str, url: str, error: Exception) -> str:
+    field = setting.split()[0]
+    on_s3 = url.startswith(("s3://", "s3a://"))
+    hint = f"; {S3_HINT}" if on_s3 else ""
+    if isinstance(error, FileNotFoundError) and on_s3:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        return (
+            f"{setting}: bucket {bucket!r} of {url} does not exist ({_short(error)}); create it "
+            f"or set {field} to a bucket that exists{hint}"
+        )
+    if isinstance(error, PermissionError):
+        return (
+            f"{setting}: no permission to write to {url} ({_short(error)}); set {field} to a "
+            f"folder or bucket this job may write to{hint}"
+        )
+    return (
+        f"{setting}: cannot write a checkpoint to {url} ({_short(error)}); set {field} to a "
+        f"folder or bucket this job may write to{hint}"
+    )
+
+
+def _check_tracking(spec: Spec, report: Report) -> None:
+    if not spec.tracking.enabled:
+        report.checks.append(("tracking", "off (tracking.enabled: false)"))
+        return
+    uri = tracking.display_uri()
+    problem = tracking.check_server(TIMEOUT_S)
+    if problem:
+        report.problems.append(problem)
+    elif tracking.is_server():
+        report.checks.append(("tracking", f"{uri}: answers and accepts the credentials"))
+    else:
+        report.checks.append(("tracking", f"{uri}: embedded store (MLFLOW_TRACKING_URI unset)"))
+
+
+def _check_model_name(spec: Spec, report: Report) -> None:
+    name = spec.tracking.registered_model
+    if not spec.tracking.enabled or not name:
+        return
+    problems = tracking.registry_name_problems(name, spec.tracking.alias)
+    report.problems += problems
+    if not problems:
+        report.checks.append(("registered model", f"{name}@{spec.tracking.alias}: usable"))
+
+
+def resource_problem(spec: JobBase, have: Mapping[str, float], where: str = "") -> str | None:
+    """What the job's workers ask for that ``have`` (a cluster's total resources) lacks."""
+    scaling = spec.scaling
+    asked = {"CPU": scaling.workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        asked["GPU"] = scaling.workers * scaling.gpus_per_worker
+    short = {k: v for k, v in asked.items() if v > have.get(k, 0)}
+    if not short:
+        return None
+    wanted = ", ".join(f"{v:g} {k}" for k, v in asked.items())
+    exists = ", ".join(f"{have.get(k, 0):g} {k}" for k in asked)
+    return (
+        f"job {spec.name!r} asks for {wanted} ({scaling.workers} workers x "
+        f"{scaling.cpus_per_worker:g} CPU"
+        + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else "")
+        + f"), but {where or 'the cluster has'} {exists}; lower "
+        "scaling.workers, scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"
+    )
+
+
+def _check_resources(spec: Spec, address: str | None, report: Report) -> None:
+    from wrn_cluster import launcher
+
+    if address:
+        try:
+            have = launcher.cluster_resources(address, TIMEOUT_S)
+        except launcher.LaunchError as error:
+            report.problems.append(str(error))
+            return
+        where = f"the cluster at {launcher.dashboard_url(address)} has"
+        shown = ", ".join(f"{have.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+    else:
+        cpus = launcher.local_cpus()
+        have = {"CPU": cpus}
+        if spec.scaling.use_gpu:  # Ray counts the GPUs when it starts; no import of it here
+            have["GPU"] = math.inf
+        where = "the embedded Ray would have"
+        shown = f"{cpus} CPU" + (", GPUs as Ray finds them" if spec.scaling.use_gpu else "")
+    problem = resource_problem(spec, have, where)
+    if problem:
+        report.problems.append(problem)
+        return
+    report.checks.append(("resources", f"{where.removeprefix('the ')} {shown}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tuple[str, str]]:
+    from wrn_cluster import launcher
+    from wrn_cluster.train.optim import effective_lr
+
+    scaling, opt, sched = spec.scaling, spec.optimizer, spec.schedule
+    per_worker = spec.data.batch_size // (scaling.workers * opt.grad_accum_steps)
+    resources = f"{scaling.cpus_per_worker:g} CPU" + (
+        f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
+    )
+    accumulation = (
+        f" x {opt.grad_accum_steps} accumulation steps" if opt.grad_accum_steps > 1 else ""
+    )
+    lr = effective_lr(spec, spec.data.batch_size)
+    scaled = (
+        f"optimizer.lr {opt.lr:g} x batch {spec.data.batch_size}/{opt.base_batch_size}, the "
+        "linear scaling rule"
+        if opt.scale_lr_with_batch
+        else "optimizer.lr; not scaled with the batch"
+    )
+    warmup = f", warmup {sched.warmup_epochs:g} epochs" if sched.warmup_epochs else ""
+    if getattr(sched, "warmup_steps", 0):  # detection recipes warm up in optimizer steps
+        warmup = f", warmup {sched.warmup_steps} steps"
+    saves = sched.epochs // spec.checkpoint.every_epochs + bool(
+        sched.epochs % spec.checkpoint.every_epochs
+    )
+    every = spec.checkpoint.every_epochs
+    where = storage.join(spec.checkpoint.storage_url(), spec.name, "checkpoint_*")
+    rows = [
+        ("job", f"{spec.name} ({spec.kind}, {spec.model.arch})"),
+        (
+            "runs on",
+            f"the cluster at {launcher.dashboard_url(address)}" if address else "an embedded Ray",
+        ),
+        ("workers", f"{scaling.workers} x {resources} ({scaling.placement_strategy})"),
+        (
+            "batch",
+            f"{spec.data.batch_size} global = {scaling.workers} workers x {per_worker}"
+            f"{accumulation}",
+        ),
+        ("lr", f"{lr:g} ({scaled})"),
+        ("epochs", f"{sched.epochs} ({sched.type}{warmup})"),
+    ]
+    if train_images:
+        per_rank = math.ceil(train_images / scaling.workers)
+        steps = math.ceil(math.ceil(per_rank / per_worker) / opt.grad_accum_steps)
+        about = "about " if isinstance(spec, DetectJob) else ""  # batches group by aspect ratio
+        rows.append(("steps per epoch", f"{about}{steps} ({train_images} training images)"))
+    if isinstance(spec, TuneJob):
+        rows.append(("search", "each trial runs this plan with its own searched values"))
+    rows.append(
+        (
+            "checkpoints",
+            f"{saves} (every {'epoch' if every == 1 else f'{every} epochs'} and the last; newest "
+            f"{min(spec.checkpoint.keep, saves)} kept) in {where}",
+        )
+    )
+    if spec.tracking.enabled:
+        model = spec.tracking.registered_model
+        rows.append(
+            (
+                "tracking",
+                f"{tracking.display_uri()}, experiment {spec.tracking.experiment!r}, "
+                + (f"registered model {model}@{spec.tracking.alias}" if model else "no model"),
+            )
+        )
+    else:
+        rows.append(("tracking", "off"))
+    return rows
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
