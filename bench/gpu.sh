@@ -38,7 +38,7 @@ run() {
   local name=$1 limit=$2
   shift 2
   echo "== $name: $*" >&2
-  timeout --signal=INT --kill-after=20 "$limit" "$PYTHON" - "$OUT/$name.json" "$@" <<'PY'
+  timeout --signal=INT --kill-after=5 "$limit" "$PYTHON" - "$OUT/$name.json" "$@" <<'PY'
 import argparse, json, sys
 from wrn_cluster.bench import train_step
 

@@ -54,11 +54,12 @@ def test_train_step_bench_prints_the_ratio_and_the_table_lists_it(tmp_path):
     assert len(rows) == 2 and "model wrn-10-1" in rows[0]
 
 
-def test_train_step_bench_measures_a_chosen_precision(tmp_path):
+def test_train_step_bench_measures_a_chosen_precision_in_cpu_seconds(tmp_path):
     written = tmp_path / "fp32.json"
     stdout, _ = bench(
         "train-step", "--model", "wrn-10-1", "--image-size", "16", "--batch", "2",
-        "--rounds", "1", "--steps", "1", "--dtype", "fp32", "--nchw", "--json", str(written),
+        "--rounds", "1", "--steps", "1", "--dtype", "fp32", "--nchw", "--threads", "1",
+        "--cpu-time", "--json", str(written),
     )  # fmt: skip
     result = assert_ratio(stdout, "train-step", written)
     assert result["settings"]["precision"] == {
@@ -66,7 +67,8 @@ def test_train_step_bench_measures_a_chosen_precision(tmp_path):
         "channels_last": False,
         "compile": False,
     }
-    assert "fp32 autocast, NCHW" in result["project"]["description"]
+    assert "step: fp32, NCHW, eager, SGD (fused)" in result["project"]["description"]
+    assert result["unit"] == "img/CPU-s" and result["settings"]["threads"] == 1
 
 
 def test_train_step_bench_refuses_the_fp16_baseline_on_the_cpu():
@@ -137,3 +139,13 @@ def test_gpu_script_is_valid_bash_and_runs_both_networks():
     assert result.returncode == 0, result.stderr
     text = script.read_text()
     assert "wrn-50-2" in text and "wrn-28-10" in text and "markdown_table" in text
+
+
+def test_tracking_overhead_bench_prints_its_ratio(tmp_path):
+    written = tmp_path / "tracking.json"
+    out, _ = bench(
+        "tracking-overhead", "--model", "wrn-10-1", "--size", "16", "--batch", "8",
+        "--steps", "4", "--rounds", "2", "--json", str(written),
+    )  # fmt: skip
+    result = assert_ratio(out, "tracking-overhead", written)
+    assert result["extra"]["values_logged"] == 2 * (2 * 4 + 2)

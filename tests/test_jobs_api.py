@@ -3,8 +3,10 @@ dashboard: submit, follow, status, list, logs, stop, and resume by resubmitting 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 import yaml
 
 from tests.datasets import write_digits_imagefolder
+from tests.test_multinode import free_ports, node_ports, stop_processes_of
 from tests.test_training import digits_job
 from tests.util import free_port, wait_until
 from wrn_cluster import launcher, preflight, spec
@@ -23,23 +26,28 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("ray")
-    port, dashboard = free_port(), free_port()
+def cluster():
+    # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="wrn-jobs-"))
+    port, dashboard, client, *ports = free_ports(9)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    # Every port its own, so another Ray on this machine (a test, a benchmark) cannot collide
+    # with this head's dashboard agent, which takes the job submissions.
     start = [
         f"{VENV_BIN}/ray", "start", "--head", f"--port={port}", "--num-cpus=4",
         "--object-store-memory=134217728", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--temp-dir={temp}", "--disable-usage-stats",
+        f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats",
+        *node_ports(ports),
     ]  # fmt: skip
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-    address = f"http://127.0.0.1:{dashboard}"
     try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        address = f"http://127.0.0.1:{dashboard}"
         wait_until(lambda: _get(f"{address}/api/version") is not None, timeout=60)
         yield address
     finally:
-        subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env, capture_output=True)
+        stop_processes_of(temp)  # only this cluster, never `ray stop`
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _get(url):
@@ -90,8 +98,11 @@ def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "epoch 6/6" in second.stdout  # the followed logs show progress lines
     state = _newest(run_dir)
-    assert state["epoch"] == 6 and state["resumes"] == [done_before]
-    assert f"epoch {done_before}/6" not in second.stdout  # epochs already done are not redone
+    # It resumes from the newest checkpoint Ray Train had registered when the job stopped: the
+    # newest folder on disk, or the one before it if the stop came while that was registering.
+    (resumed_at,) = state["resumes"]
+    assert state["epoch"] == 6 and 1 <= resumed_at <= done_before
+    assert f"epoch {resumed_at}/6" not in second.stdout  # epochs already done are not redone
 
     listed = cli("list", address=cluster)
     assert job_id in listed.stdout and "STOPPED" in listed.stdout and "SUCCEEDED" in listed.stdout

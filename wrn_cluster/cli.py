@@ -437,6 +437,22 @@ def bench_input(
     _report(comparison, json_path)
 
 
+@bench_app.command("tracking-overhead")
+def bench_tracking_overhead(
+    model: Annotated[str, typer.Option(help="Network.")] = "wrn-16-2",
+    size: Annotated[int, typer.Option(min=8, help="Input side.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Batch.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Train steps per epoch.")] = 40,
+    rounds: RoundsOption = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """An epoch of train steps with and without MLflow tracking (every step logged)."""
+    from wrn_cluster.bench import tracking_overhead
+
+    comparison = tracking_overhead.run(model, size, batch, steps, rounds, say=_progress)
+    _report(comparison, json_path)
+
+
 @bench_app.command("ray-overhead")
 def bench_ray_overhead(
     model: Annotated[str, typer.Option(help="Network.")] = "wrn-16-2",

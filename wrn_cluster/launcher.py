@@ -129,22 +129,39 @@ def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], Non
     env_vars[DASHBOARD_ENV] = f"{dashboard_url(address)}/#/jobs/{submission_id}"
     with tempfile.TemporaryDirectory() as workdir:
         Path(workdir, "spec.yaml").write_text(to_yaml(spec))
-        job_id = client.submit_job(
-            entrypoint="python -m wrn_cluster.driver spec.yaml",
-            submission_id=submission_id,
-            runtime_env={
+        request = {
+            "entrypoint": "python -m wrn_cluster.driver spec.yaml",
+            "submission_id": submission_id,
+            "runtime_env": {
                 "working_dir": workdir,
                 "py_modules": [str(PACKAGE_DIR)],
                 "env_vars": env_vars,
                 "excludes": ["__pycache__"],
             },
-            metadata={"job_name": spec.name, "kind": spec.kind},
-        )
+            "metadata": {"job_name": spec.name, "kind": spec.kind},
+        }
+        job_id = _submit_when_ready(client, request, address)
     say(f"job {job_id} submitted")
     say(f"dashboard: {dashboard_url(address)}/#/jobs/{job_id}")
     if not wait:
         return 0
     return follow(address, job_id, sys.stdout.write)
+
+
+def _submit_when_ready(client, request: dict, address: str, wait_s: float = 90.0) -> str:
+    """Submit, waiting out a head node whose job agent is still starting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**request)
+        except RuntimeError as error:
+            starting = "No available agent" in str(error)
+            if not starting or time.monotonic() > deadline:
+                reason = str(error).strip().splitlines()[-1]
+                raise LaunchError(
+                    f"the Ray Jobs API at {dashboard_url(address)} refused the job: {reason}"
+                ) from None
+            time.sleep(2)
 
 
 def follow(address: str, job_id: str, write: Callable[[str], object]) -> int:

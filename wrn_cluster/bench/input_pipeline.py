@@ -5,7 +5,8 @@ Baseline: torchvision's ``ImageFolder`` with PIL and the classic transforms of t
 ImageNet example (RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize). Project:
 ``wrn_cluster.data.imagefolder`` as training uses it, plus the normalization the training step
 does on the device (here the CPU, so it is charged to the project). Same files, same output
-size, one thread, batches through a DataLoader with no worker processes, interleaved rounds.
+size, one thread, batches through a DataLoader with no worker processes, interleaved rounds,
+timed in this process's CPU seconds: what one core does, whatever else shares the machine.
 
 The files are real photographs, not synthetic patterns, which decode unrealistically fast:
 random crops of scikit-learn's bundled sample photos, resized to ImageNet's typical 500x375

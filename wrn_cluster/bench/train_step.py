@@ -125,8 +125,9 @@ def _describe(step: train_step.TrainStep) -> str:
     kind = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "loop"
     compiled = "torch.compile" if step.forward is not step.model else "eager"
     layout = "channels_last" if step.layout == torch.channels_last else "NCHW"
+    precision = "fp32" if step.dtype == "fp32" else f"{step.dtype} autocast"
     return (
-        f"wrn_cluster.train.step: {step.dtype} autocast, {layout}, {compiled}, "
+        f"wrn_cluster.train.step: {precision}, {layout}, {compiled}, "
         f"{optimizer} ({kind}), uint8 in, normalized on the device, no host syncs"
     )
 
