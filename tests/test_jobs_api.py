@@ -15,9 +15,8 @@ import torch
 import yaml
 
 from tests.datasets import write_digits_imagefolder
-from tests.test_multinode import free_ports, node_ports, stop_processes_of
 from tests.test_training import digits_job
-from tests.util import free_port, wait_until
+from tests.util import free_port, free_ports, node_ports, stop_processes_of, wait_until
 from wrn_cluster import launcher, preflight, spec
 from wrn_cluster.train import checkpoint
 

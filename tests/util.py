@@ -1,7 +1,12 @@
-"""Small helpers the service fixtures share: free ports and bounded waits."""
+"""Small helpers the service fixtures share: free ports, bounded waits, and stopping the Ray
+processes a test started (and only those)."""
 
 import socket
 import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -18,3 +23,52 @@ def wait_until(condition, timeout: float, interval: float = 0.5):
             return value
         time.sleep(interval)
     raise TimeoutError(f"gave up after {timeout:.0f}s")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def node_ports(ports: list[int]) -> list[str]:
+    """The per-node ports two raylets on one machine must not share; worker ports are random."""
+    manager, objects, agent_http, agent_grpc, runtime_env, metrics = ports
+    return [
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
+
+
+def stop_processes_of(temp: Path) -> None:
+    """Stop what our `ray start`s launched, by process id: every process naming our temp dir and
+    all their descendants (Ray workers, the job driver). Never `ray stop`, which would also stop
+    other Ray clusters on this machine."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            roots.append(proc)
+    tree = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
+    for proc in tree.values():
+        with suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(tree.values()), timeout=5)  # gcs_server can sit out SIGTERM
+    for proc in alive:
+        with suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
