@@ -1,6 +1,7 @@
 """Classification training on a real local Ray: learning, exact resume after a lost worker,
 bad input. The Jobs API path is in test_jobs_api.py."""
 
+import io
 import os
 import signal
 import subprocess
@@ -217,3 +218,60 @@ def test_empty_class_folder_is_one_message(tmp_path, digits):
     assert run.returncode == 1
     assert str(empty) in run.stderr or "7" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_storage_down_for_good_stops_the_job_clearly_and_keeps_its_checkpoints(
+    digits, tmp_path, s3_server, s3_env
+):
+    import s3fs
+
+    from tests.faults import Outage
+
+    outage = Outage.in_front_of(s3_server)
+    bucket = s3fs.S3FileSystem(
+        key=s3_env["AWS_ACCESS_KEY_ID"],
+        secret=s3_env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_server,
+    )
+    job = digits_job(
+        digits,
+        "s3://checkpoints/outage",
+        name="outage",
+        schedule={"epochs": 3, "warmup_epochs": 0},
+        scaling={"workers": 1},
+        data={"batch_size": 32},  # epochs of seconds: the outage starts well before the next upload
+        checkpoint={"upload_attempts": 3, "upload_backoff_s": 0.5},
+    )
+    spec_file = tmp_path / "outage.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, **s3_env, "AWS_ENDPOINT_URL_S3": outage.url, "WRN_CLUSTER_LOCAL_CPUS": "4"}
+    submit = [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)]
+    proc = subprocess.Popen(
+        submit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        snapshot = "checkpoints/outage/outage/checkpoint_manager_snapshot.json"
+        registered = lambda: bucket.exists(snapshot) and b"checkpoint_" in bucket.cat(snapshot)  # noqa: E731
+        deadline = time.monotonic() + 300
+        while not registered() and proc.poll() is None and time.monotonic() < deadline:
+            bucket.invalidate_cache()
+            time.sleep(0.1)
+        outage.go_down()  # and it stays down
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, output
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert error and "CheckpointUploadError" in error[-1], output
+    assert "3 attempts" in error[-1] and "submit the same job name to resume" in error[-1]
+    assert "retrying in 0.5s" in output
+
+    # Nothing stored before the outage was lost: resubmitting once the store is back resumes.
+    outage.come_back()
+    again = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    bucket.invalidate_cache()
+    newest = max(bucket.glob(f"checkpoints/outage/outage/checkpoint_*/{checkpoint.STATE_FILE}"))
+    state = torch.load(io.BytesIO(bucket.cat(newest)), weights_only=True)
+    assert state["epoch"] == 3 and len(state["resumes"]) == 1 and state["resumes"][0] >= 1
+    outage.close()

@@ -148,18 +148,29 @@ def run(
     except ray.train.TrainingFailedError as error:
         if context:
             tracking.end_unfinished_run(spec, context, "FAILED")
-        raise JobError(f"job {spec.name!r} failed: {_root_cause(error)}") from None
+        raise JobError(f"job {spec.name!r} failed: {_failure(spec, error)}") from None
     if result.checkpoint is not None:
         print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
     return result
 
 
-def _root_cause(error: BaseException) -> str:
+def _failure(spec: ClassifyJob | DetectJob, error: BaseException) -> str:
+    """What stopped the run, in one line: the first worker's error, or the Train controller's;
+    a storage outage says which storage and that nothing stored is lost."""
     failures = getattr(error, "worker_failures", None)
+    cause = getattr(error, "controller_failure", None) or error
     if failures:
         first = failures[min(failures)]
         cause = getattr(first, "cause", None) or first
-        return f"{type(cause).__name__}: {cause}".strip()
+    text = " ".join(str(cause).split())
+    if isinstance(cause, OSError) and "AWS Error" in text:  # Ray Train's own storage writes
+        return (
+            f"the checkpoint storage {spec.checkpoint.storage_url()} stopped answering "
+            f"({text}); the checkpoints already stored are untouched; once it answers again, "
+            "submit the same job name to resume from the last of them"
+        )
+    if failures:
+        return f"{type(cause).__name__}: {text}"
     return str(error).splitlines()[-1]
 
 

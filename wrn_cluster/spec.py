@@ -182,6 +182,12 @@ class CheckpointSection(Section):
     every_epochs: int = Field(1, ge=1)
     keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
+    upload_attempts: int = Field(
+        6, ge=1, description="Tries to store a checkpoint before the job stops with an error."
+    )
+    upload_backoff_s: float = Field(
+        5.0, ge=0, le=600, description="Wait after a failed upload; doubles, up to 60 s."
+    )
 
     _absolute_storage = field_validator("storage")(absolute_if_local)
 

@@ -6,6 +6,10 @@ without a manifest, or whose files differ from it, was cut short or damaged, and
 it. ``load_latest`` resumes from Ray's latest checkpoint or, if that one is broken, from the
 newest complete one before it. States load with ``torch.load(weights_only=True)`` only: a
 checkpoint that needs arbitrary pickle (and could run code) is refused.
+
+``upload`` copies a checkpoint to the job's storage file by file, the manifest last, retrying
+with exponential backoff while the store is unreachable; if it stays down the job stops with
+``CheckpointUploadError`` and the checkpoints already stored stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import pickle
 import random
 import re
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    import pyarrow.fs
     import ray.train
 
 STATE_FILE = "state.pt"
@@ -42,6 +49,10 @@ class CorruptCheckpointError(CheckpointError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would need arbitrary pickle (code from the file) to load."""
+
+
+class CheckpointUploadError(CheckpointError):
+    """The checkpoint storage stayed unreachable through every upload attempt."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -215,6 +226,56 @@ def _older_checkpoints(found: ray.train.Checkpoint) -> list[ray.train.Checkpoint
         reverse=True,
     )
     return [Checkpoint(f"{run_folder}/{base}", found.filesystem) for base in older]
+
+
+def upload(
+    source: str | Path,
+    filesystem: pyarrow.fs.FileSystem,
+    destination: str,
+    attempts: int,
+    backoff_s: float,
+    max_backoff_s: float = 60.0,
+) -> None:
+    """Copy the checkpoint folder ``source`` to ``destination`` on ``filesystem`` (Ray Train's
+    storage), the manifest last so that a cut-short upload reads as incomplete. An attempt that
+    fails with a storage error is repeated whole after ``backoff_s``, doubling up to
+    ``max_backoff_s``; after ``attempts`` failures, CheckpointUploadError."""
+    source = Path(source)
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    files.append(source / MANIFEST_FILE)
+    wait, started = backoff_s, time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            filesystem.create_dir(destination)
+            for path in files:
+                target = f"{destination}/{path.relative_to(source).as_posix()}"
+                with open(path, "rb") as local, filesystem.open_output_stream(target) as remote:
+                    shutil.copyfileobj(local, remote, 8 << 20)
+            return
+        except OSError as error:  # pyarrow's storage errors are OSErrors
+            cause = _storage_cause(error)
+            if attempt == attempts:
+                raise CheckpointUploadError(
+                    f"could not write the checkpoint to {destination}: {attempts} attempts over "
+                    f"{time.monotonic() - started:.0f}s failed, the last with: {cause}; the "
+                    "checkpoints already stored are untouched; once the storage answers again "
+                    "(check checkpoint.storage and the S3 endpoint and credentials), submit the "
+                    "same job name to resume from the last of them"
+                ) from None
+            warnings.warn(
+                f"checkpoint upload to {destination} failed (attempt {attempt} of {attempts}: "
+                f"{cause}); retrying in {wait:g}s",
+                stacklevel=2,
+            )
+            time.sleep(wait)
+            wait = min(wait * 2, max_backoff_s)
+
+
+def _storage_cause(error: OSError) -> str:
+    """The gist of a storage error, without the AWS SDK's retryable-error tokens, which would make
+    Ray Train repeat a failure that our own retries already gave up on."""
+    text = " ".join(str(error).split())
+    return re.sub(r"AWS Error ([A-Z_]+)", lambda m: m.group(1).lower().replace("_", " "), text)
 
 
 def weights_path(url: str) -> tuple[Any, str]:

@@ -165,7 +165,21 @@ class WorkerRun:
                 }
                 checkpoint.save(directory, state)
                 found = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=found)
+            ray.train.report(metrics, checkpoint=found, checkpoint_upload_fn=self._upload)
+
+    def _upload(self, local: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """Store a checkpoint in the run's folder, retrying while the storage is unreachable."""
+        storage = ray.train.get_context().get_storage()
+        destination = storage.build_checkpoint_path_from_name(name)
+        settings = self.spec.checkpoint
+        checkpoint.upload(
+            local.path,
+            storage.storage_filesystem,
+            destination,
+            settings.upload_attempts,
+            settings.upload_backoff_s,
+        )
+        return ray.train.Checkpoint(destination, storage.storage_filesystem)
 
     def close(self) -> None:
         if self.tracker:
