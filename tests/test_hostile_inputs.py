@@ -4,6 +4,7 @@ data.prepare and the imagefolder dataset)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import struct
@@ -406,3 +407,130 @@ def test_experiment_names_keep_their_artifacts_in_one_folder_under_the_home(tmp_
     root = tmp_path / "mlartifacts"
     folder = Path(unquote(urlparse(artifact_location(str(root), experiment)).path))
     assert folder.parent == root and folder.name not in (".", "..")
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO annotation files: missing keys, wrong types, NaN/negative boxes, unsafe file names
+
+
+def _coco_doc() -> dict:
+    return {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "b/c.jpg", "width": 32, "height": 32},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 3, "bbox": [1.0, 2.0, 10.0, 12.0]},
+            {"id": 11, "image_id": 2, "category_id": 5, "bbox": [0, 0, 31, 31], "iscrowd": 0},
+        ],
+        "categories": [{"id": 3, "name": "square"}, {"id": 5, "name": "disc"}],
+    }
+
+
+ODD_VALUES = st.sampled_from(
+    [None, float("nan"), float("inf"), -float("inf"), -1, -1e9, 0, 1e308, True, "1", "", [], {},
+     [1, 2], [float("nan")] * 4, [1, 2, -3, 4], [1, 2, 3, float("nan")], {"id": 1}, "../../x"]
+)  # fmt: skip
+
+
+def _paths(value, prefix=()):
+    """Every (path, container) place in a JSON document, for mutations."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _paths(item, (*prefix, i))
+
+
+def _mutate(doc: dict, path: tuple, how: str, new) -> dict:
+    if not path:
+        return new if how == "set" else doc
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if how == "delete":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = new
+    return doc
+
+
+@FAST
+@given(data=st.data())
+def test_broken_coco_annotations_give_checked_annotations_or_one_data_error(data):
+    from wrn_cluster.data import coco
+
+    doc = _coco_doc()
+    for _ in range(data.draw(st.integers(1, 3))):
+        places = list(_paths(doc))
+        path = data.draw(st.sampled_from(places))
+        how = data.draw(st.sampled_from(["set", "delete"] if path else ["set"]))
+        doc = _mutate(doc, path, how, copy.deepcopy(data.draw(ODD_VALUES)))
+    try:
+        checked = coco.check(doc, "fuzz.json")
+    except DataError as error:
+        assert str(error).startswith("fuzz.json: ") and "\n" not in str(error)
+    else:  # what passes is usable: finite boxes of known images and categories
+        categories = {c["id"] for c in checked.doc["categories"]}
+        images = {i["id"] for i in checked.doc["images"]}
+        for annotation in checked.doc["annotations"]:
+            assert annotation["image_id"] in images and annotation["category_id"] in categories
+            x, y, w, h = annotation["bbox"]
+            assert all(v == v and abs(v) != float("inf") for v in (x, y, w, h)) and w >= 0 <= h
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "says"),
+    [
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 4]), "annotations[0].bbox",
+         "is not [x, y, width, height]"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, -5, 4]), "annotations[0].bbox",
+         "has a negative size"),
+        (lambda d: d["annotations"][1].pop("category_id"), "annotations[1].category_id",
+         "None is not in categories"),
+        (lambda d: d["annotations"][1].update(image_id=[2]), "annotations[1].image_id",
+         "[2] is not the id of any image"),
+        (lambda d: d["images"][0].pop("width"), "images[0].width", "missing or not a positive"),
+        (lambda d: d.pop("categories"), "categories", "missing or not a list"),
+        (lambda d: d["images"][1].update(file_name="../../etc/passwd"), "images[1].file_name",
+         "is not a path inside the images folder"),
+        (lambda d: d["images"][1].update(file_name="/etc/passwd"), "images[1].file_name",
+         "is not a path inside the images folder"),
+    ],
+)  # fmt: skip
+def test_each_broken_coco_field_is_named_with_its_json_path(change, where, says):
+    from wrn_cluster.data import coco
+
+    doc = _coco_doc()
+    change(doc)
+    with pytest.raises(DataError) as caught:
+        coco.check(doc, "instances.json")
+    assert str(caught.value).startswith(f"instances.json: {where}: "), caught.value
+    assert says in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text", [b"", b"{", b"\xff\xfe\x00garbage", b"[" * 100_000 + b"]" * 100_000, b'{"images": NaN}']
+)
+def test_an_annotation_file_that_is_not_json_is_one_data_error(tmp_path, text):
+    from wrn_cluster.data import coco
+
+    (tmp_path / "instances.json").write_bytes(text)
+    with pytest.raises(DataError, match=r"instances.json: (not valid JSON|images: missing)"):
+        coco.read(str(tmp_path), "instances.json")
+
+
+@pytest.mark.parametrize(
+    "field", ["train_annotations", "val_annotations", "train_images", "val_images"]
+)
+@pytest.mark.parametrize("path", ["../secrets.json", "/etc/passwd", "a/./b", "s3://x/y", "~/z"])
+def test_detection_paths_stay_inside_the_dataset_root(field, path):
+    job = {"kind": "detect", "name": "safe", "data": {"url": "s3://datasets/coco", field: path}}
+    with pytest.raises(SpecError) as caught:
+        parse(yaml.safe_dump(job), "job.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == f"data.{field}" and "a path inside data.url is expected" in (
+        problem.message
+    )

@@ -390,6 +390,21 @@ class DetectData(Section):
 
     _absolute_url = field_validator("url")(absolute_if_local)
 
+    @field_validator("train_annotations", "val_annotations", "train_images", "val_images")
+    @classmethod
+    def _inside_the_root(cls, path: str) -> str:
+        parts = path.replace("\\", "/").rstrip("/").split("/")
+        if (
+            path.startswith(("/", "\\", "~"))
+            or "://" in path
+            or any(unquote(p) in (".", "..", "") for p in parts)
+        ):
+            raise ValueError(
+                "a path inside data.url is expected, without a leading '/', '~', a scheme or "
+                "'.'/'..' segments, e.g. annotations/instances_train2017.json"
+            )
+        return path
+
 
 class DetectOptimizer(OptimizerSection):
     """torchvision's detection recipe: plain momentum SGD, lr 0.02 per 16 images, wd 1e-4."""

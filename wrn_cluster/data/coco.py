@@ -103,6 +103,13 @@ def check(doc: Any, source: str) -> Annotations:
             raise _json_error(source, f"{where}.id", f"image id {image['id']} appears twice")
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             raise _json_error(source, f"{where}.file_name", "missing or not a file name")
+        if _climbs_out(image["file_name"]):
+            raise _json_error(
+                source,
+                f"{where}.file_name",
+                f"{image['file_name']!r} is not a path inside the images folder; write it "
+                "relative to data.train_images / data.val_images, without '..'",
+            )
         for key in ("width", "height"):
             if not _is_int(image.get(key)) or image[key] <= 0:
                 raise _json_error(source, f"{where}.{key}", "missing or not a positive integer")
@@ -118,12 +125,12 @@ def check(doc: Any, source: str) -> Annotations:
             raise _json_error(source, f"{where}.id", f"{annotation['id']} appears twice")
         annotation_ids.add(annotation["id"])
         image_id = annotation.get("image_id")
-        if image_id not in sizes:
+        if not _is_int(image_id) or image_id not in sizes:
             raise _json_error(
                 source, f"{where}.image_id", f"{image_id!r} is not the id of any image in images"
             )
         category_id = annotation.get("category_id")
-        if category_id not in category_ids:
+        if not _is_int(category_id) or category_id not in category_ids:
             raise _json_error(
                 source,
                 f"{where}.category_id",
@@ -158,6 +165,12 @@ def check(doc: Any, source: str) -> Annotations:
     return Annotations(source, doc, degenerate)
 
 
+def _climbs_out(path: str) -> bool:
+    """A file name that is absolute or has '.'/'..' segments could read outside its folder."""
+    parts = path.replace("\\", "/").split("/")
+    return path.startswith(("/", "\\")) or "://" in path or any(p in (".", "..") for p in parts)
+
+
 def _clipped(box: list[float], width: int, height: int) -> tuple[float, ...] | None:
     """[x, y, w, h] as (x1, y1, x2, y2) inside the image; None if nothing of it is left."""
     x1, y1 = max(0.0, box[0]), max(0.0, box[1])
@@ -177,8 +190,9 @@ def read(url: str, path: str) -> Annotations:
     try:
         with fs.open(full, "rb") as handle:
             doc = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{source}: not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # bad JSON or text, or nested too deep
+        reason = str(error) if not isinstance(error, RecursionError) else "nested too deeply"
+        raise DataError(f"{source}: not valid JSON ({reason})") from None
     return check(doc, source)
 
 
