@@ -3,6 +3,7 @@ own raylet with its own ports, S3 (moto) as the checkpoint storage they share, a
 submitted through the Jobs API that Ray SPREADs over both nodes."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -96,9 +97,9 @@ def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s
     )
     spec_file = tmp_path / "multinode.yaml"
     spec_file.write_text(yaml.safe_dump(job))
-    # The submitter names the endpoint only; credentials come from the nodes' environment.
-    submitter_env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
-    submitter_env["AWS_ENDPOINT_URL_S3"] = s3_env["AWS_ENDPOINT_URL_S3"]
+    # The submitting shell holds the credentials too, as a user's would; only the endpoint
+    # travels with the job: credentials come from the nodes' own environment.
+    submitter_env = {**os.environ, **s3_env}
     run = subprocess.run(
         [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file), "--address", two_nodes],
         capture_output=True,
@@ -108,6 +109,17 @@ def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "epoch 2/2" in run.stdout, run.stdout
+
+    # Not in the runtime env the dashboard shows, nor in the job's logs or the submit's output.
+    from ray.job_submission import JobSubmissionClient
+
+    job_id = run.stdout.split("job ", 1)[1].split()[0]
+    client = JobSubmissionClient(two_nodes)
+    shown = json.dumps(client.get_job_info(job_id).runtime_env) + client.get_job_logs(job_id)
+    for name in CREDENTIAL_VARS:
+        value = s3_env.get(name)
+        assert not value or value not in shown + run.stdout + run.stderr, name
+    assert s3_env["AWS_ENDPOINT_URL_S3"] in shown  # what does travel
 
     nodes = {n.node_id for n in list_nodes(address=two_nodes)}
     workers = list_actors(
