@@ -240,6 +240,23 @@ class JobBase(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> JobBase:
+        batch = self.data.batch_size  # type: ignore[attr-defined]  # each kind has its data
+        micro = self.scaling.workers * self.optimizer.grad_accum_steps
+        if batch % micro:
+            raise _FieldError(
+                "data.batch_size",
+                f"{batch} does not split evenly over {self.scaling.workers} workers x "
+                f"{self.optimizer.grad_accum_steps} accumulation steps; use a multiple of {micro}",
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        micro = self.scaling.workers * self.optimizer.grad_accum_steps
+        return self.data.batch_size // micro  # type: ignore[attr-defined]
+
 
 class ClassifyData(DataSection):
     pass
@@ -277,24 +294,12 @@ class ClassifyJob(JobBase):
             raise _FieldError(
                 "data.synthesize", "synthetic data is written as an imagefolder; remove it"
             )
-        micro = self.scaling.workers * self.optimizer.grad_accum_steps
-        if self.data.batch_size % micro:
-            raise _FieldError(
-                "data.batch_size",
-                f"{self.data.batch_size} does not split evenly over {self.scaling.workers} "
-                f"workers x {self.optimizer.grad_accum_steps} accumulation steps; use a multiple "
-                f"of {micro}",
-            )
         return self
 
     @property
     def image_size(self) -> int:
         fixed = DATASET_FACTS[self.data.dataset].get("image_size")
         return self.data.image_size or fixed or parse_name(self.model.arch).default_image_size
-
-    @property
-    def per_worker_batch(self) -> int:
-        return self.data.batch_size // (self.scaling.workers * self.optimizer.grad_accum_steps)
 
     @property
     def augment(self) -> bool:
@@ -475,19 +480,7 @@ class DetectJob(JobBase):
             raise _FieldError(
                 "optimizer.label_smoothing", "label smoothing is for classification; set it to 0"
             )
-        micro = self.scaling.workers * self.optimizer.grad_accum_steps
-        if self.data.batch_size % micro:
-            raise _FieldError(
-                "data.batch_size",
-                f"{self.data.batch_size} does not split evenly over {self.scaling.workers} "
-                f"workers x {self.optimizer.grad_accum_steps} accumulation steps; use a multiple "
-                f"of {micro}",
-            )
         return self
-
-    @property
-    def per_worker_batch(self) -> int:
-        return self.data.batch_size // (self.scaling.workers * self.optimizer.grad_accum_steps)
 
 
 class SearchDim(Section):

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from wrn_cluster.data import DataError, Prepared
-from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
 from wrn_cluster.data.transforms import SharedEpoch, decode, item_generator
 
 if TYPE_CHECKING:
@@ -366,8 +365,7 @@ class CocoDetection(Dataset):
         self.flip = flip
         self.seed = seed
         self.shared_epoch = SharedEpoch()
-        self._fs: fsspec.AbstractFileSystem | None = None
-        self._fs_pid = -1
+        self.files = PerProcessFilesystem(url)
         self.root = join(filesystem(url)[1], images_path)
 
     def set_epoch(self, epoch: int) -> None:
@@ -378,13 +376,7 @@ class CocoDetection(Dataset):
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        # One filesystem per process: s3fs clients do not survive a fork.
-        if self._fs is None or self._fs_pid != os.getpid():
-            self._fs, self._fs_pid = filesystem(self.url)[0], os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
+        return self.files.get()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         split = self.split

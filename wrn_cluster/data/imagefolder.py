@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wrn_cluster.data import DataError
-from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
 from wrn_cluster.data.transforms import (
     RandomResizedCropFlip,
     SharedEpoch,
@@ -152,8 +152,8 @@ class ImageFolder(Dataset):
         self.augment = RandomResizedCropFlip(size) if augment else None
         self.seed = seed
         self.shared_epoch = SharedEpoch()
-        self._fs, root = filesystem(url)
-        self._fs_pid = os.getpid()
+        self.files = PerProcessFilesystem(url)
+        root = filesystem(url)[1]
         self.split_root = join(root, split)
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,14 +168,7 @@ class ImageFolder(Dataset):
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        # Each process (forked or spawned DataLoader worker, Ray worker) opens its own filesystem:
-        # s3fs clients and their event loop do not survive a fork.
-        if self._fs is None or self._fs_pid != os.getpid():
-            self._fs, self._fs_pid = filesystem(self.url)[0], os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
+        return self.files.get()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = join(self.split_root, os.fsdecode(self.index.paths[index]))

@@ -67,6 +67,25 @@ def filesystem(url: str, timeout_s: float | None = None) -> tuple[fsspec.Abstrac
     return fs, path.rstrip("/") or "/"
 
 
+class PerProcessFilesystem:
+    """The filesystem of a URL, opened again in each process that uses it (DataLoader workers,
+    forked or spawned, and Ray workers): s3fs clients and their event loop do not survive a
+    fork, and a pickled copy would carry the parent's connections."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._pid = -1
+
+    def get(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = filesystem(self.url)[0], os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "_fs": None, "_pid": -1}
+
+
 def train_storage(url: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig, from a storage URL.
 
