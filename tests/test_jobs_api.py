@@ -109,6 +109,33 @@ def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
     assert "epoch 1/6" in logs.stdout
 
 
+def test_a_second_submission_of_a_running_job_is_refused(cluster, tmp_path):
+    data_root = tmp_path / "digits"
+    write_digits_imagefolder(data_root, size=16)
+    storage = tmp_path / "runs"
+    job = digits_job(data_root, storage, name="clash", schedule={"epochs": 50})
+    job["scaling"]["workers"] = 1
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    first = cli("submit", str(spec_file), "--no-wait", address=cluster)
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.split("job ")[1].split()[0]
+    try:
+        # Ray Train makes the run folder after the driver took the job's lease.
+        wait_until(lambda: (storage / "clash").is_dir(), timeout=180)
+        second = cli("submit", str(spec_file), address=cluster, timeout=200)
+        assert second.returncode == 1
+        assert f"job 'clash' is already running (submission {job_id} on " in second.stdout
+        assert "RUNNING" in cli("status", job_id, address=cluster).stdout
+    finally:
+        cli("stop", job_id, address=cluster)
+    states = [
+        torch.load(path, weights_only=True)
+        for path in (storage / "clash").glob(f"checkpoint_*/{checkpoint.STATE_FILE}")
+    ]
+    assert all(state["resumes"] == [] for state in states)  # all from the first run
+
+
 def test_unknown_job_and_unreachable_cluster_are_one_message(cluster):
     missing = cli("status", "no-such-job", address=cluster)
     assert missing.returncode == 1

@@ -21,7 +21,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from wrn_cluster import data, preflight, tracking
+from wrn_cluster import data, lease, preflight, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.launcher import DASHBOARD_ENV, JOB_ID_ENV
 from wrn_cluster.spec import ClassifyJob, DetectJob, SpecError, TuneJob, load
@@ -129,7 +129,15 @@ def run(
     dashboard_url: str | None = None,
 ):
     """Run a prepared job on the Ray cluster this process is connected to: a Train result,
-    or for a search, Tune's result grid."""
+    or for a search, Tune's result grid. A run of the same job already going is not joined."""
+    try:
+        with lease.cluster_lease(spec, lease.holder(job_id)):
+            return _run(spec, job_id, dashboard_url)
+    except lease.JobRunningError as error:
+        raise JobError(str(error)) from None
+
+
+def _run(spec: ClassifyJob | DetectJob | TuneJob, job_id: str | None, dashboard_url: str | None):
     check_resources(spec)  # for a search: what one trial needs
     context = tracking.run_context(job_id, dashboard_url) if spec.tracking.enabled else None
     if context:

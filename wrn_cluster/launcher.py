@@ -10,12 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from wrn_cluster import lease
 from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, to_yaml
 
 Spec = ClassifyJob | DetectJob | TuneJob
 PACKAGE_DIR = Path(__file__).resolve().parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# Configuration (never credentials) a job on the cluster needs from the submitting shell.
+# Configuration (never credentials) a job on the cluster needs from the submitting shell; the
+# cluster's nodes hold their own Ray token (RAY_AUTH_TOKEN), so the submitter's never travels.
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "AWS_ENDPOINT_URL_S3",
@@ -50,11 +52,20 @@ def local_cpus() -> int:
 
 def run_local(spec: Spec, say: Callable[[str], None]) -> int:
     """Start an embedded Ray, run the job's driver here, print what a cluster run prints."""
+    job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Another `submit` of this job on this machine runs its own Ray: the lock file tells.
+    try:
+        with lease.file_lease(spec, lease.holder(job_id)):
+            return _run_local(spec, job_id, say)
+    except lease.JobRunningError as error:
+        raise LaunchError(str(error)) from None
+
+
+def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]) -> int:
     import ray
 
     from wrn_cluster import driver, preflight
 
-    job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         driver.prepare(spec)  # the data, written first if synthetic
         preflight.check(spec)  # checkpoint storage, tracking server, registered model name
@@ -85,11 +96,40 @@ def run_local(spec: Spec, say: Callable[[str], None]) -> int:
     return 0
 
 
+def _token_file() -> str:
+    """Where Ray reads its token when RAY_AUTH_TOKEN is unset."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def _refused(service: str, error) -> LaunchError:
+    """One line for Ray's AuthenticationError, naming the setting to fix and never the token.
+    Ray sends a token only with RAY_AUTH_MODE=token, read from RAY_AUTH_TOKEN, else the file
+    RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token."""
+    reason = (str(getattr(error, "message", "")).strip().splitlines() or [""])[0]
+    token_file = _token_file()
+    fix = f"set RAY_AUTH_TOKEN to the cluster's token or put it in {token_file}"
+    if reason.startswith("Authentication failed"):  # HTTP 403: a token, but not the cluster's
+        source = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else token_file
+        return LaunchError(f"{service} refused the Ray token from {source} as wrong; {fix}")
+    if reason.startswith("Authentication required"):  # HTTP 401: no token sent
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            fix = f"export RAY_AUTH_MODE=token (Ray sends a token only then) and {fix}"
+        return LaunchError(f"{service} requires a Ray token and none was sent; {fix}")
+    if reason.startswith("RAY_AUTH_TOKEN_PATH"):
+        found = f"RAY_AUTH_TOKEN_PATH names {token_file}, which is missing or empty"
+    else:
+        found = f"RAY_AUTH_MODE=token, but RAY_AUTH_TOKEN is unset and {token_file} has none"
+    return LaunchError(f"no Ray token for {service}: {found}; {fix}")
+
+
 def _client(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(dashboard_url(address))
+    except AuthenticationError as error:
+        raise _refused(f"the Ray Jobs API at {dashboard_url(address)}", error) from None
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LaunchError(
             f"cannot reach the Ray Jobs API at {dashboard_url(address)} ({error}); check "
@@ -99,6 +139,7 @@ def _client(address: str):
 
 def cluster_resources(address: str, timeout_s: float = 10.0) -> dict[str, float]:
     """Total resources of the cluster's live nodes, read from its dashboard."""
+    from ray.exceptions import AuthenticationError
     from ray.util.state import list_nodes
 
     url = dashboard_url(address)
@@ -106,6 +147,8 @@ def cluster_resources(address: str, timeout_s: float = 10.0) -> dict[str, float]
         nodes = list_nodes(
             address=url, filters=[("state", "=", "ALIVE")], timeout=max(1, round(timeout_s))
         )
+    except AuthenticationError as error:
+        raise _refused(f"the Ray dashboard at {url}", error) from None
     except Exception as error:  # connection, HTTP and Ray's own state-API errors alike
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise LaunchError(

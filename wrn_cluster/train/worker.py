@@ -47,7 +47,10 @@ class WorkerRun:
 
     def __init__(self, spec: JobBase, tracking_context: dict | None) -> None:
         # The driver prints one line per epoch; Ray Train's per-report INFO lines would repeat it.
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        # Some of its loggers are named after their file's path, not the module.
+        for name in [*logging.root.manager.loggerDict, "ray.train"]:
+            if name.startswith("ray.train") or "/ray/train/" in name:
+                logging.getLogger(name).setLevel(logging.WARNING)
         ctx = ray.train.get_context()
         self.spec = spec
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
