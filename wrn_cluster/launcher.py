@@ -85,6 +85,8 @@ def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]) -> int:
     say(f"job {job_id} on an embedded local Ray")
     if url:
         say(f"dashboard: {dashboard_url(url)}  (Jobs and Train views)")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # Ray's default since 2.59
+            say("  sign in with the token `ray get-auth-token` prints (RAY_AUTH_MODE=token)")
     say(f"checkpoints: {spec.checkpoint.storage_url()}/{spec.name}")
     try:
         driver.run(spec, job_id, dashboard_url(url) if url else None)
