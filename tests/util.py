@@ -1,6 +1,7 @@
 """Small helpers the service fixtures share: free ports, bounded waits, and stopping the Ray
 processes a test started (and only those)."""
 
+import os
 import socket
 import time
 from contextlib import ExitStack, suppress
@@ -55,7 +56,7 @@ def stop_processes_of(temp: Path) -> None:
     other Ray clusters on this machine."""
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+        if proc.pid != os.getpid() and any(str(temp) in p for p in proc.info["cmdline"] or []):
             roots.append(proc)
     tree = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
     for proc in tree.values():
