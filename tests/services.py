@@ -1,4 +1,5 @@
-"""Real servers for tests: PostgreSQL (initdb/pg_ctl as the postgres user) and `mlflow server`.
+"""Real servers for tests: PostgreSQL (initdb/pg_ctl as the postgres user) and `mlflow server`,
+optionally behind MLflow's basic-auth app.
 
 Each runs on a free loopback port with its files in a temp dir, waits a bounded time to come
 up, and is stopped by the fixture that started it.
@@ -6,8 +7,11 @@ up, and is stopped by the fixture that started it.
 
 from __future__ import annotations
 
+import base64
 import glob
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -82,6 +86,13 @@ class Postgres:
         )
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 
+    def dump(self, name: str) -> str:
+        """Everything the database holds, as SQL text (pg_dump), for tests that grep it."""
+        dump = [_pg_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        return subprocess.run(
+            _as_postgres([*dump, name]), check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+
     def stop(self) -> None:
         subprocess.run(
             _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"]),
@@ -92,9 +103,17 @@ class Postgres:
 
 
 class MlflowServer:
-    """`mlflow server` on PostgreSQL, serving artifacts from an S3 bucket."""
+    """`mlflow server` on PostgreSQL, serving artifacts from an S3 bucket (or a local folder);
+    with ``app_name="basic-auth"`` and ``basic_auth_env``'s settings, behind a login."""
 
-    def __init__(self, backend_uri: str, artifacts: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        backend_uri: str,
+        artifacts: str,
+        env: dict[str, str],
+        log: Path,
+        app_name: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
@@ -103,6 +122,8 @@ class MlflowServer:
             "--artifacts-destination", artifacts,
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
+        if app_name:
+            self.args += ["--app-name", app_name]
         self.env, self.log = env, log
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -128,3 +149,39 @@ class MlflowServer:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+
+
+def basic_auth_env(root: Path, admin: str, admin_password: str) -> dict[str, str]:
+    """What `mlflow server --app-name basic-auth` reads: an .ini (MLFLOW_AUTH_CONFIG_PATH) with
+    its users in SQLite under ``root``, the admin it creates on first start, READ for everyone
+    else by default, accepted logins cached for a minute; and the static key its CSRF
+    protection needs."""
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+        f"admin_username = {admin}\n"
+        f"admin_password = {admin_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each login check is a deliberately slow password hash; a job makes hundreds of calls.
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+
+
+def create_user(url: str, admin: tuple[str, str], username: str, password: str) -> None:
+    """A user on a basic-auth server, created by its admin through the REST API."""
+    token = base64.b64encode(":".join(admin).encode()).decode()
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/users/create",
+        data=json.dumps({"username": username, "password": password}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        if reply.status != 200:
+            raise RuntimeError(f"creating MLflow user {username}: HTTP {reply.status}")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -83,6 +84,12 @@ def check_server(timeout_s: float = 5.0) -> str | None:
     from mlflow.exceptions import MlflowException
 
     uri = display_uri()
+    if uri != tracking_uri():
+        return (
+            f"MLFLOW_TRACKING_URI: {uri} holds credentials (a user:password@ part), which MLflow "
+            "prints in its run links and submit forwards to the cluster; take them out of the "
+            "URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+        )
     # One try with a short timeout: MLflow's defaults retry for minutes.
     limits = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -94,8 +101,8 @@ def check_server(timeout_s: float = 5.0) -> str | None:
         except MlflowException as error:
             if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
                 return (
-                    f"MLFLOW_TRACKING_URI: the MLflow server at {uri} refused the credentials "
-                    f"({error.error_code}); set MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_URI: the MLflow server at {uri} "
+                    f"{_login_finding(error.error_code)}; set MLFLOW_TRACKING_USERNAME and "
                     "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may "
                     "write runs"
                 )
@@ -105,6 +112,24 @@ def check_server(timeout_s: float = 5.0) -> str | None:
                 "set tracking.enabled: false to train without tracking"
             )
     return None
+
+
+def _login_finding(error_code: str) -> str:
+    """What went wrong with the login, naming settings and never their values: a server that
+    asks for a login gets none unless both username and password (or a token) are set."""
+    from mlflow.utils.credentials import read_mlflow_creds  # the environment, else ~/.mlflow
+
+    creds = read_mlflow_creds()
+    if error_code == "PERMISSION_DENIED":
+        return f"refused the credentials ({error_code})"
+    if creds.username and creds.password:  # used before a token, as MLflow's client does
+        return f"refused the credentials ({error_code}: an unknown user or a wrong password)"
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return f"refused MLFLOW_TRACKING_TOKEN ({error_code})"
+    if creds.username or creds.password:
+        unset = "MLFLOW_TRACKING_PASSWORD" if creds.username else "MLFLOW_TRACKING_USERNAME"
+        return f"asks for a login and {unset} is unset ({error_code})"
+    return f"asks for a login and none is set ({error_code})"
 
 
 def _reason(text: str) -> str:
@@ -342,9 +367,10 @@ class RunTracker:
         metrics: dict[str, float],
         wait_s: float = 180.0,
     ) -> str | None:
-        """log_model, waiting out a tracking server that is down for a while; the weights are
-        in the checkpoint either way, so giving up only warns."""
-        return self._ship(lambda: self.log_model(net, class_names, image_size, metrics), wait_s)
+        """log_model, then register; each waits out a tracking server that is down for a while
+        and is retried on its own, so a retry never logs or registers twice. The weights are in
+        the checkpoint either way, so giving up only warns."""
+        return self._ship(lambda: self.log_model(net, class_names, image_size), metrics, wait_s)
 
     def ship_detector(
         self,
@@ -354,29 +380,38 @@ class RunTracker:
         metrics: dict[str, float],
         wait_s: float = 180.0,
     ) -> str | None:
-        """log_detector, waiting out a tracking server that is down, as ship_model does."""
-        return self._ship(lambda: self.log_detector(net, categories, options, metrics), wait_s)
+        """log_detector, then register, as ship_model does."""
+        return self._ship(lambda: self.log_detector(net, categories, options), metrics, wait_s)
 
-    def _ship(self, log_model, wait_s: float) -> str | None:
+    def _ship(self, log_model, metrics: dict[str, float], wait_s: float) -> str | None:
         deadline = time.monotonic() + wait_s
+        logged = self._until(deadline, "log the model to MLflow", log_model)
+        if logged is None:
+            return None
+        model_uri, facts = logged
+        return self._until(
+            deadline,
+            f"register the logged model {model_uri}",
+            lambda: register(self.client, self.spec, model_uri, self.run_id, metrics, facts),
+        )
+
+    def _until(self, deadline: float, what: str, attempt):
         while True:
             try:
-                return log_model()
+                return attempt()
             except Exception as error:  # server or store errors of any kind
                 if time.monotonic() > deadline:
                     warnings.warn(
-                        f"could not log the model to MLflow ({error}); it stays in the "
-                        "job's last checkpoint",
+                        f"could not {what} ({error}); the weights stay in the job's last "
+                        "checkpoint",
                         stacklevel=1,
                     )
                     return None
                 time.sleep(5)
 
-    def log_model(
-        self, net, class_names: list[str], image_size: int, metrics: dict[str, float]
-    ) -> str | None:
-        """Log the model (torch.export format, loadable without this package), register a
-        version, and move the alias to it only if it beats the version holding it."""
+    def log_model(self, net, class_names: list[str], image_size: int) -> tuple[str, dict[str, Any]]:
+        """Log the model in torch.export format, loadable without this package; returns its
+        URI and the facts its registered version is tagged with."""
         import mlflow
         import numpy as np
         import torch
@@ -418,13 +453,13 @@ class RunTracker:
         self.client.log_batch(
             self.run_id, params=_params({f"model.{k}": v for k, v in facts.items()})
         )
-        return register(self.client, spec, info.model_uri, self.run_id, metrics, facts)
+        return info.model_uri, facts
 
     def log_detector(
-        self, net, categories: list[dict], options: dict[str, Any], metrics: dict[str, float]
-    ) -> str | None:
+        self, net, categories: list[dict], options: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
         """Log a detector as TorchScript (torch.export cannot trace torchvision's detectors:
-        their NMS output sizes depend on the data), register a version, promote as log_model.
+        their NMS output sizes depend on the data); returns what log_model returns.
 
         TorchScript stores the code with the weights, so loading it needs torch and torchvision
         (imported first: it registers the nms/roi_align ops) but not this project, and runs no
@@ -471,7 +506,7 @@ class RunTracker:
         self.client.log_batch(
             self.run_id, params=_params({f"model.{k}": v for k, v in facts.items()})
         )
-        return register(self.client, self.spec, info.model_uri, self.run_id, metrics, facts)
+        return info.model_uri, facts
 
     def log_params(self, values: dict[str, Any]) -> None:
         """Facts found while running (e.g. what the data held), as run params."""
@@ -541,7 +576,13 @@ def register(
     name = spec.tracking.registered_model
     if not name:
         return None
-    version = mlflow.register_model(model_uri, name).version
+    # A retried shipment must not make a second version of the same logged model.
+    found = [
+        v
+        for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if v.source == model_uri
+    ]
+    version = found[0].version if found else mlflow.register_model(model_uri, name).version
     tags = {
         "dataset": spec.data.dataset,
         "job_name": spec.name,
@@ -567,7 +608,7 @@ def register(
         f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
         + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
     )
-    print(decision, flush=True)
+    print(decision, file=sys.stderr, flush=True)  # a Train worker's stdout shows twice
     client.set_tag(run_id, "wrn_cluster.promotion", decision)
     client.set_model_version_tag(name, version, "promotion", decision)
     return version

@@ -5,7 +5,7 @@ FROM python:3.11-slim
 # A 3.x release, as pyproject's mlflow pin asks of the clients (tests/test_deploy.py checks).
 ARG MLFLOW_VERSION=3.17.2
 RUN pip install --no-cache-dir --disable-pip-version-check \
-        "mlflow==${MLFLOW_VERSION}" "psycopg2-binary>=2.9" "boto3>=1.34" \
+        "mlflow[auth]==${MLFLOW_VERSION}" "psycopg2-binary>=2.9" "boto3>=1.34" \
     && useradd --create-home --uid 1000 mlflow
 USER mlflow
 WORKDIR /home/mlflow
