@@ -63,7 +63,10 @@ def test_two_local_submits_of_one_job_at_once_run_it_once(tmp_path):
 
     write_digits_imagefolder(tmp_path / "data", size=16)
     storage = tmp_path / "runs"
-    job = digits_job(tmp_path / "data", storage, name="twice", schedule={"epochs": 2})
+    job = digits_job(
+        tmp_path / "data", storage, name="twice", schedule={"epochs": 2, "warmup_epochs": 0}
+    )
+    job["scaling"]["workers"] = 1
     spec_file = tmp_path / "twice.yaml"
     spec_file.write_text(yaml.safe_dump(job))
     submit = [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)]
