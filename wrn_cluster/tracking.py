@@ -27,6 +27,7 @@ JOB_TAG = "wrn_cluster.job_name"
 MODEL_NAME = "model"
 # How many metric values wait for an unreachable server before the oldest are dropped.
 BUFFER_LIMIT = 100_000
+BATCH_LIMIT = 1000  # MLflow's most metrics per log_batch
 
 
 def tracking_uri() -> str:
@@ -232,11 +233,12 @@ def _tags(spec, context: dict) -> dict[str, str]:
 
 
 class MetricSender:
-    """Sends metrics from a background thread in batches; keeps them while the server is
-    unreachable (bounded), warns once, and sends them when it answers again."""
+    """Sends metrics from a background thread in batches, at most one request per ``flush_s``
+    (so logging every step costs the step nothing but an append); keeps them while the server
+    is unreachable (bounded), warns once, and sends them when it answers again."""
 
-    def __init__(self, client, run_id: str, retry_s: float = 2.0) -> None:
-        self.client, self.run_id, self.retry_s = client, run_id, retry_s
+    def __init__(self, client, run_id: str, retry_s: float = 2.0, flush_s: float = 1.0) -> None:
+        self.client, self.run_id, self.retry_s, self.flush_s = client, run_id, retry_s, flush_s
         self.pending: collections.deque = collections.deque(maxlen=BUFFER_LIMIT)
         self.dropped = 0
         self.warned = False
@@ -251,20 +253,31 @@ class MetricSender:
 
         now = int(time.time() * 1000)
         with self.lock:
+            was_empty = not self.pending
             for key, value in metrics.items():
                 if len(self.pending) == self.pending.maxlen:
                     self.dropped += 1
                 self.pending.append(Metric(key, float(value), now, step))
-            self.lock.notify()
+            if was_empty or len(self.pending) >= BATCH_LIMIT:
+                self.lock.notify()
+
+    def _next_batch(self, last_sent: float) -> list | None:
+        """Wait until a batch is due (a full one, flush_s since the last send, or closing);
+        None when closing with nothing left."""
+        with self.lock:
+            while not self.closing:
+                waited = time.monotonic() - last_sent
+                if self.pending and (len(self.pending) >= BATCH_LIMIT or waited >= self.flush_s):
+                    break
+                self.lock.wait(self.flush_s - waited if self.pending else None)
+            if not self.pending:
+                return None
+            return [self.pending[i] for i in range(min(len(self.pending), BATCH_LIMIT))]
 
     def _send_loop(self) -> None:
-        while True:
-            with self.lock:
-                while not self.pending and not self.closing:
-                    self.lock.wait()
-                if not self.pending and self.closing:
-                    return
-                batch = [self.pending[i] for i in range(min(len(self.pending), 1000))]
+        last_sent = 0.0
+        while (batch := self._next_batch(last_sent)) is not None:
+            last_sent = time.monotonic()
             try:
                 self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             except Exception as error:  # any transport or server error: keep and retry
