@@ -40,6 +40,8 @@ class Outage:
 
     def close(self) -> None:
         self.go_down()
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
         self._listener.close()
 
     def _accept(self) -> None:
@@ -58,6 +60,10 @@ class Outage:
                 continue
             server.settimeout(None)
             with self._lock:
+                if self.down:  # it went down while this one connected
+                    client.close()
+                    server.close()
+                    continue
                 self._open.update((client, server))
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()

@@ -136,6 +136,16 @@ def test_a_second_submission_of_a_running_job_is_refused(cluster, tmp_path):
     assert all(state["resumes"] == [] for state in states)  # all from the first run
 
 
+def test_credentials_inside_a_forwarded_url_never_reach_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://trainer:wrn-url-pw-31@mlflow:5000")
+    job = spec.parse(yaml.safe_dump(digits_job(tmp_path, tmp_path / "runs")), "job.yaml")
+    with pytest.raises(launcher.LaunchError) as caught:  # before any request to the cluster
+        launcher.submit_remote(job, f"http://127.0.0.1:{free_port()}", False, print)
+    message = str(caught.value)
+    assert message.startswith("MLFLOW_TRACKING_URI: http://***@mlflow:5000 holds credentials")
+    assert "wrn-url-pw-31" not in message and "trainer" not in message
+
+
 def test_unknown_job_and_unreachable_cluster_are_one_message(cluster):
     missing = cli("status", "no-such-job", address=cluster)
     assert missing.returncode == 1

@@ -5,13 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from tests.test_training import as_spec, digits_job
 from tests.util import wait_until
 from wrn_cluster import lease
-from wrn_cluster.train import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -58,31 +56,22 @@ def test_a_cluster_lease_is_one_named_actor_per_job_and_storage(tmp_path):
         ray.shutdown()
 
 
-def test_two_local_submits_of_one_job_at_once_run_it_once(tmp_path):
+def test_a_local_submit_while_the_job_runs_is_refused_before_ray_starts(tmp_path):
     from tests.datasets import write_digits_imagefolder
 
     write_digits_imagefolder(tmp_path / "data", size=16)
-    storage = tmp_path / "runs"
-    job = digits_job(
-        tmp_path / "data", storage, name="twice", schedule={"epochs": 2, "warmup_epochs": 0}
-    )
-    job["scaling"]["workers"] = 1
+    job = digits_job(tmp_path / "data", tmp_path / "runs", name="twice")
     spec_file = tmp_path / "twice.yaml"
     spec_file.write_text(yaml.safe_dump(job))
-    submit = [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)]
-    runs = [
-        subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [run.communicate(timeout=300) for run in runs]
-    codes = sorted(run.returncode for run in runs)
-    assert codes == [0, 1], outputs
-    refused = next(err for run, (_, err) in zip(runs, outputs, strict=True) if run.returncode == 1)
-    assert "job 'twice' is already running (submission twice-" in refused
-    assert "Traceback" not in refused
-    states = [
-        torch.load(path, weights_only=True)
-        for path in (storage / "twice").glob(f"checkpoint_*/{checkpoint.STATE_FILE}")
-    ]
-    assert sorted(s["epoch"] for s in states) == [1, 2]
-    assert all(s["resumes"] == [] for s in states)
+    # This test process is the job's first run: it holds the lease another submit would take.
+    with lease.file_lease(as_spec(job), lease.holder("twice-20261127-050000")):
+        second = subprocess.run(
+            [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert second.returncode == 1
+    assert "job 'twice' is already running (submission twice-20261127-050000 on " in second.stderr
+    assert "Traceback" not in second.stderr and "embedded local Ray" not in second.stdout
+    assert not list((tmp_path / "runs").glob("twice/checkpoint_*"))

@@ -23,11 +23,12 @@ def test_concurrent_jobs_lose_no_metric_value(mlflow_server):
 
     def job(run_id: str, seed: int) -> None:
         # Each job has its own client and sender thread, as each job's rank 0 has.
-        sender = MetricSender(MlflowClient(mlflow_server.url), run_id, retry_s=0.2)
+        # flush_s 0.05 rather than a second: many small batches, interleaved across jobs.
+        sender = MetricSender(MlflowClient(mlflow_server.url), run_id, retry_s=0.2, flush_s=0.05)
         start.wait()
         for step in range(STEPS):
             sender.add({"train_loss": 1.0 / (step + 1) + seed, "lr": 0.1 * seed + step}, step)
-            time.sleep(0.002)  # steps take time: many small batches, interleaved across jobs
+            time.sleep(0.002)  # steps take time
         unsent[run_id] = sender.close(timeout_s=120)
 
     threads = [threading.Thread(target=job, args=(run_id, i)) for i, run_id in enumerate(run_ids)]

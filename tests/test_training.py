@@ -249,8 +249,8 @@ def test_storage_down_for_good_stops_the_job_clearly_and_keeps_its_checkpoints(
     proc = subprocess.Popen(
         submit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
+    snapshot = "checkpoints/outage/outage/checkpoint_manager_snapshot.json"
     try:
-        snapshot = "checkpoints/outage/outage/checkpoint_manager_snapshot.json"
         registered = lambda: bucket.exists(snapshot) and b"checkpoint_" in bucket.cat(snapshot)  # noqa: E731
         deadline = time.monotonic() + 300
         while not registered() and proc.poll() is None and time.monotonic() < deadline:
@@ -260,6 +260,7 @@ def test_storage_down_for_good_stops_the_job_clearly_and_keeps_its_checkpoints(
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
+        outage.close()
     assert proc.returncode == 1, output
     (error,) = [line for line in output.splitlines() if line.startswith("error:")]
     # Whichever write the outage stops for good, the worker's checkpoint upload or the Train
@@ -273,7 +274,6 @@ def test_storage_down_for_good_stops_the_job_clearly_and_keeps_its_checkpoints(
 
     # Nothing stored before the outage was lost: Ray's latest checkpoint is whole (manifest,
     # sizes, SHA-256) and loads; resuming from such a checkpoint is test_sigkilled_... above.
-    outage.close()
     bucket.invalidate_cache()
     latest = json.loads(bucket.cat(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
     stored = tmp_path / "stored"

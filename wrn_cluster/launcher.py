@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from wrn_cluster import lease
 from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, to_yaml
@@ -166,6 +167,7 @@ def cluster_resources(address: str, timeout_s: float = 10.0) -> dict[str, float]
 
 def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], None]) -> int:
     """Ship the package and the resolved spec to the cluster and run the driver there."""
+    _refuse_credentials_in_urls()
     client = _client(address)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars[TRAIN_STATE_TRACKING] = "1"
@@ -191,6 +193,19 @@ def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], Non
     if not wait:
         return 0
     return follow(address, job_id, sys.stdout.write)
+
+
+def _refuse_credentials_in_urls() -> None:
+    """A forwarded URL with user:password@ in it would show in the job's runtime env."""
+    for key in FORWARDED_ENV:
+        parts = urlsplit(os.environ.get(key, ""))
+        if parts.password or "@" in parts.netloc:
+            shown = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[-1]).geturl()
+            raise LaunchError(
+                f"{key}: {shown} holds credentials (a user:password@ part), which would travel "
+                "to the cluster in the job's runtime env; take them out and set them in the "
+                "cluster's environment (e.g. MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            )
 
 
 def _submit_when_ready(client, request: dict, address: str, wait_s: float = 90.0) -> str:

@@ -2,8 +2,9 @@
 job never write interleaved checkpoints into one run folder: the second is refused, naming the
 first.
 
-On a Ray cluster a named actor holds the lease: Ray registers actor names atomically, and the
-actor dies with the driver that made it, so a crashed job's lease goes with it. Each
+On a Ray cluster a named actor holds the lease: the cluster's control store (GCS) registers
+each actor name once, so of two drivers creating the same name only one actor starts, and it
+dies with the driver that made it, so a crashed job's lease goes with it. Each
 `wrn-cluster submit` without --address starts its own Ray, so there a lock on a file beside
 the run folder (released by the OS when the process ends) holds the lease as well.
 """
@@ -90,7 +91,9 @@ def cluster_lease(spec: JobBase, who: str) -> Iterator[None]:
     lease_class = ray.remote(num_cpus=0, max_restarts=0)(_Lease)
     try:
         lease = lease_class.options(name=name, namespace=NAMESPACE).remote(who)
-    except ValueError:  # the name is taken: that job is running
+        # `.remote()` checks the name only locally; the GCS decides when the actor is created.
+        ray.get(lease.__ray_ready__.remote(), timeout=120)
+    except (ValueError, ray.exceptions.RayActorError):  # the name is taken: that job runs
         try:
             other = ray.get(ray.get_actor(name, NAMESPACE).holder.remote(), timeout=30)
         except (ValueError, ray.exceptions.RayError):  # it ended meanwhile

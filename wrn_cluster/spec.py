@@ -186,7 +186,7 @@ class CheckpointSection(Section):
         6, ge=1, description="Tries to store a checkpoint before the job stops with an error."
     )
     upload_backoff_s: float = Field(
-        5.0, ge=0, le=600, description="Wait after a failed upload; doubles, up to 60 s."
+        5.0, ge=0, le=60, description="Wait after a failed upload; doubles, up to 60 s."
     )
 
     _absolute_storage = field_validator("storage")(absolute_if_local)

@@ -233,9 +233,10 @@ def _tags(spec, context: dict) -> dict[str, str]:
 
 
 class MetricSender:
-    """Sends metrics from a background thread in batches, at most one request per ``flush_s``
-    (so logging every step costs the step nothing but an append); keeps them while the server
-    is unreachable (bounded), warns once, and sends them when it answers again."""
+    """Sends metrics from a background thread in batches: one request per ``flush_s``, sooner
+    only when BATCH_LIMIT values wait (so logging every step costs the step nothing but an
+    append); keeps them while the server is unreachable (bounded), warns once, and sends them
+    when it answers again."""
 
     def __init__(self, client, run_id: str, retry_s: float = 2.0, flush_s: float = 1.0) -> None:
         self.client, self.run_id, self.retry_s, self.flush_s = client, run_id, retry_s, flush_s
@@ -284,8 +285,8 @@ class MetricSender:
                 if not self.warned:
                     self.warned = True
                     warnings.warn(
-                        f"MLflow at {self.client.tracking_uri} is not answering ({error}); "
-                        "training goes on and metrics are kept until it is back",
+                        f"MLflow at {redacted(self.client.tracking_uri)} is not answering "
+                        f"({error}); training goes on and metrics are kept until it is back",
                         stacklevel=1,
                     )
                 with self.lock:
@@ -294,8 +295,9 @@ class MetricSender:
                 time.sleep(self.retry_s)
                 continue
             with self.lock:
-                for _ in batch:
-                    self.pending.popleft()
+                for sent in batch:  # a full buffer may have dropped some of them meanwhile
+                    if self.pending and self.pending[0] is sent:
+                        self.pending.popleft()
                 if self.warned and not self.pending:
                     log.warning("MLflow is back; buffered metrics sent")
                     self.warned = False
@@ -381,8 +383,9 @@ class RunTracker:
         wait_s: float = 180.0,
     ) -> str | None:
         """log_model, then register; each waits out a tracking server that is down for a while
-        and is retried on its own, so a retry never logs or registers twice. The weights are in
-        the checkpoint either way, so giving up only warns."""
+        and is retried on its own, so a failed registration never logs the model again, and a
+        retried one finds the version it made. The weights are in the checkpoint either way, so
+        giving up only warns."""
         return self._ship(lambda: self.log_model(net, class_names, image_size), metrics, wait_s)
 
     def ship_detector(
@@ -534,7 +537,7 @@ class RunTracker:
         if unsent:
             warnings.warn(
                 f"{unsent} metric values could not be sent to MLflow "
-                f"({self.client.tracking_uri}); the run's curves have gaps",
+                f"({redacted(self.client.tracking_uri)}); the run's curves have gaps",
                 stacklevel=1,
             )
         try:
@@ -615,6 +618,8 @@ def register(
     old = float(holder.tags[metric]) if holder and metric in holder.tags else None
     lower_is_better = metric.endswith("loss")
     better = new is not None and (old is None or (new < old if lower_is_better else new > old))
+    if holder and str(holder.version) == str(version):  # a retry after the alias moved
+        better, holder = True, None
     if better:
         client.set_registered_model_alias(name, alias, version)
     decision = (

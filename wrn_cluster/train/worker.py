@@ -173,6 +173,9 @@ class WorkerRun:
     def _upload(self, local: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
         """Store a checkpoint in the run's folder, retrying while the storage is unreachable."""
         storage = ray.train.get_context().get_storage()
+        # As Ray's own upload does: a local storage path that exists only on the head node
+        # (no marker here) is an error, not a checkpoint silently kept on this node's disk.
+        storage._check_validation_file()
         destination = storage.build_checkpoint_path_from_name(name)
         settings = self.spec.checkpoint
         checkpoint.upload(
