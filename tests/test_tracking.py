@@ -62,7 +62,7 @@ def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked
     refused = client.get_model_version(MODEL, "2")
     assert refused.tags["promotion"].startswith("kept digits_wrn@champion: v2 val_top1=")
 
-    strong = tracked_job(tracked, "strong", epochs=6, lr=0.05)
+    strong = tracked_job(tracked, "strong", epochs=4, lr=0.05)
     driver.run(strong)
     best = champion(client)
     assert best.version == "3"
@@ -74,7 +74,7 @@ def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked
     assert run.data.params["optimizer.lr"] == "0.05" and run.data.params["kind"] == "classify"
     assert run.data.tags["wrn_cluster.job_name"] == "strong"
     history = client.get_metric_history(best.run_id, "val_top1")
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in history] == [1, 2, 3, 4]
     assert client.get_metric_history(best.run_id, "step_train_loss")
     artifacts = {a.path for a in client.list_artifacts(best.run_id)}
     assert {"spec.yaml", "model_card.json"} <= artifacts
@@ -164,7 +164,7 @@ def test_pulled_champion_predicts_like_the_trained_model_without_the_project(tra
 
 def test_training_survives_a_tracking_server_outage(tracked):
     client, server = tracked["client"], tracked["server"]
-    spec = tracked_job(tracked, "outage", epochs=8, lr=0.05)
+    spec = tracked_job(tracked, "outage", epochs=6, lr=0.05)
     spec.data.batch_size = 32  # longer epochs, so the outage falls mid-run
 
     def outage():
@@ -187,13 +187,13 @@ def test_training_survives_a_tracking_server_outage(tracked):
     breaker.start()
     result = driver.run(spec)
     breaker.join(timeout=300)
-    assert result.metrics["epoch"] == 8
+    assert result.metrics["epoch"] == 6
     run = client.search_runs(
         [client.get_experiment_by_name("digits").experiment_id],
         "tags.`wrn_cluster.job_name` = 'outage'",
     )[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == list(
-        range(1, 9)
+        range(1, 7)
     )
     assert run.info.status == "FINISHED"
     assert client.get_model_version_by_alias(MODEL, "champion")  # registry still answers
