@@ -133,7 +133,7 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 self.args, env=self.env, stdout=out, stderr=out, start_new_session=True
             )
-        wait_until(self._healthy, timeout=120)
+        wait_until(self._healthy, timeout=120, what=f"mlflow server {self.url} to be healthy")
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:

@@ -1,13 +1,11 @@
 """End to end through the Ray Jobs API against a real `ray start --head` cluster with its
 dashboard: submit, follow, status, list, logs, stop, and resume by resubmitting the name."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,14 @@ import yaml
 
 from tests.datasets import write_digits_imagefolder
 from tests.test_training import digits_job
-from tests.util import free_port, free_ports, node_ports, stop_processes_of, wait_until
+from tests.util import (
+    free_port,
+    free_ports,
+    get_json,
+    node_ports,
+    stop_processes_of,
+    wait_until,
+)
 from wrn_cluster import launcher, preflight, spec
 from wrn_cluster.train import checkpoint
 
@@ -42,19 +47,15 @@ def cluster():
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         address = f"http://127.0.0.1:{dashboard}"
-        wait_until(lambda: _get(f"{address}/api/version") is not None, timeout=60)
+        wait_until(
+            lambda: get_json(f"{address}/api/version") is not None,
+            timeout=60,
+            what=f"the dashboard at {address} to answer",
+        )
         yield address
     finally:
         stop_processes_of(temp)  # only this cluster, never `ray stop`
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return json.loads(reply.read())
-    except OSError:
-        return None
 
 
 def cli(*args, address, timeout=300):
@@ -81,15 +82,27 @@ def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
     assert f"{cluster}/#/jobs/{job_id}" in first.stdout
 
     run_dir = storage / "jobs-api"
-    wait_until(lambda: list(run_dir.glob("checkpoint_*/state.pt")), timeout=240)
+    wait_until(
+        lambda: list(run_dir.glob("checkpoint_*/state.pt")), 240, "the job's first checkpoint"
+    )
     assert "RUNNING" in cli("status", job_id, address=cluster).stdout
-    # The dashboard's Train view has the run with its workers.
-    runs = _get(f"{cluster}/api/train/v2/runs/v1")["train_runs"]
-    assert any(run["name"] == "jobs-api" and run["attempts"] for run in runs)
+    # The dashboard's Train view has the run with its workers, once its state actor reports.
+    wait_until(
+        lambda: any(
+            run["name"] == "jobs-api" and run["attempts"]
+            for run in (get_json(f"{cluster}/api/train/v2/runs/v1") or {}).get("train_runs", [])
+        ),
+        timeout=60,
+        what="the dashboard's Train view to list run 'jobs-api' with an attempt",
+    )
 
     stopped = cli("stop", job_id, address=cluster)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
-    wait_until(lambda: "STOPPED" in cli("status", job_id, address=cluster).stdout, timeout=60)
+    wait_until(
+        lambda: "STOPPED" in cli("status", job_id, address=cluster).stdout,
+        timeout=60,
+        what=f"job {job_id} to be STOPPED",
+    )
     done_before = _newest(run_dir)["epoch"]
     assert done_before < 6
 
@@ -122,7 +135,7 @@ def test_a_second_submission_of_a_running_job_is_refused(cluster, tmp_path):
     job_id = first.stdout.split("job ")[1].split()[0]
     try:
         # Ray Train makes the run folder after the driver took the job's lease.
-        wait_until(lambda: (storage / "clash").is_dir(), timeout=180)
+        wait_until(lambda: (storage / "clash").is_dir(), 180, "the first job's run folder")
         second = cli("submit", str(spec_file), address=cluster, timeout=200)
         assert second.returncode == 1
         assert f"job 'clash' is already running (submission {job_id} on " in second.stdout

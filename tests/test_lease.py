@@ -51,7 +51,7 @@ def test_a_cluster_lease_is_one_named_actor_per_job_and_storage(tmp_path):
             except lease.JobRunningError:
                 return False
 
-        wait_until(free, timeout=30)
+        wait_until(free, timeout=30, what="the lease to be free after its holder ended")
     finally:
         ray.shutdown()
 

@@ -285,3 +285,53 @@ def test_the_password_is_nowhere_the_job_wrote(signed_in_job, signed_in, auth_se
     # The server side: its database, artifact store, log, and its users' database (hashes).
     assert not leaks(auth_server.postgres.dump(auth_server.database).encode())
     assert leaking_files(auth_server.root) == []
+
+
+def test_a_registry_that_refuses_the_model_is_one_error_line_and_the_training_is_kept(
+    auth_server, digits, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    # The admin owns the registered model; the trainer may only read it (default READ).
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    admin = MlflowClient(auth_server.url)
+    admin.create_registered_model("held_by_admin")
+    job = auth_job(digits, tmp_path / "runs")
+    job["name"] = "held"
+    job["tracking"]["registered_model"] = "held_by_admin"
+    spec_file = tmp_path / "held.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    env = job_env(
+        auth_server.url, tmp_path, MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=PASSWORD
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output[-5000:]
+    assert "Traceback" not in output and not leaks(output.encode())
+    [error] = [line for line in output.splitlines() if line.startswith("error:")]
+
+    experiment = admin.get_experiment_by_name("digits-auth")
+    [trained] = admin.search_runs(
+        [experiment.experiment_id], "tags.`wrn_cluster.job_name` = 'held'"
+    )
+    [logged] = admin.search_logged_models(
+        [experiment.experiment_id], filter_string=f"source_run_id = '{trained.info.run_id}'"
+    )
+    assert error.startswith(
+        "error: job 'held' trained, but registering its model as 'held_by_admin' in MLflow "
+        f"({auth_server.url}) failed: Permission denied"
+    ), error
+    assert f"the model stays logged as {logged.model_uri} in MLflow run {trained.info.run_id}" in (
+        error
+    )
+    # Nothing trained is lost: the run, its metrics and the checkpoint are all there.
+    assert trained.info.status == "FINISHED" and "val_top1" in trained.data.metrics
+    assert list((tmp_path / "runs" / "held").glob("checkpoint_*/state.pt"))
+    assert admin.search_model_versions("name = 'held_by_admin'") == []

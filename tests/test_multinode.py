@@ -67,11 +67,22 @@ def two_nodes(s3_env):
         for command in (head, second):
             started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
             assert started.returncode == 0, started.stdout + started.stderr
-        wait_until(lambda: len(_alive_nodes(list_nodes, address)) == 2, timeout=60)
+        wait_until(
+            lambda: len(_alive_nodes(list_nodes, address)) == 2,
+            timeout=60,
+            what="both nodes to be ALIVE in the state API",
+        )
         yield address
     finally:
         stop_processes_of(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _train_workers(list_actors, address: str) -> list:
+    workers = list_actors(
+        address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+    )
+    return workers if len(workers) == 2 else []
 
 
 def _alive_nodes(list_nodes, address: str) -> list:
@@ -122,10 +133,12 @@ def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s
     assert s3_env["AWS_ENDPOINT_URL_S3"] in shown  # what does travel
 
     nodes = {n.node_id for n in list_nodes(address=two_nodes)}
-    workers = list_actors(
-        address=two_nodes, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+    # The state API learns of the job's actors from the GCS a moment after they run.
+    workers = wait_until(
+        lambda: _train_workers(list_actors, two_nodes),
+        timeout=60,
+        what="the state API to list the job's 2 RayTrainWorker actors",
     )
-    assert len(workers) == 2, workers
     assert len(nodes) == 2 and {w.node_id for w in workers} == nodes  # one worker on each node
 
     saved = sorted(s3.glob(f"{BUCKET}/runs/multinode/checkpoint_*/{checkpoint.STATE_FILE}"))

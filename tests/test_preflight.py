@@ -18,6 +18,7 @@ from wrn_cluster import preflight
 from wrn_cluster.cli import app
 from wrn_cluster.data.synthetic import write_imagefolder
 from wrn_cluster.spec import parse
+from wrn_cluster.train import precision
 
 
 def job(tmp_path: Path, **sections) -> dict:
@@ -87,6 +88,46 @@ def test_dry_run_prints_the_plan_and_starts_or_leaves_nothing(embedded):
         assert text in result.stdout, text
     assert not runs.exists()  # the marker and the folders made for it are gone
     assert not ray.is_initialized()
+
+
+def test_the_plan_names_the_precision_and_layout_this_cpu_gets_and_why(embedded):
+    write_imagefolder(str(embedded / "data"), classes=4, per_class=8, size=16)
+    result, _ = dry_run(embedded, job(embedded))
+    assert result.exit_code == 0, result.output
+    [line] = [row for row in result.stdout.splitlines() if row.startswith("  precision ")]
+    if precision.cpu_supports_bf16():
+        assert line.endswith(
+            "bf16 autocast: this CPU has native bf16; channels_last: 1.13x over NCHW with "
+            "native bf16 on the CPU"
+        ), line
+    else:
+        assert line.endswith(
+            "fp32: this CPU has no native bf16; NCHW: channels_last ran 0.91x of NCHW on a CPU "
+            "without native bf16"
+        ), line
+    assert "warning:" not in result.stdout
+
+
+def test_explicit_bf16_warns_in_the_dry_run_when_this_cpu_would_emulate_it(embedded):
+    write_imagefolder(str(embedded / "data"), classes=4, per_class=8, size=16)
+    result, _ = dry_run(embedded, job(embedded, precision={"dtype": "bf16"}))
+    assert result.exit_code == 0, result.output
+    warnings = [row for row in result.stdout.splitlines() if row.startswith("warning:")]
+    if precision.cpu_supports_bf16():
+        assert warnings == []
+    else:
+        assert warnings == [
+            "warning: precision.dtype: bf16 on a CPU without native bf16 (no avx512_bf16 or "
+            "amx_bf16) runs emulated, about 12x slower than fp32 (a WRN-50-2 epoch: 766 s vs "
+            "64 s); set precision.dtype: auto or fp32"
+        ]
+    # On GPU workers the CPU's bf16 does not matter: no warning, and CUDA's layout rule.
+    gpu = job(embedded, precision={"dtype": "bf16"})
+    assert precision.emulated_bf16_warning("bf16", use_gpu=True) is None
+    gpu["scaling"]["use_gpu"] = True
+    assert preflight.precision_plan(parse(yaml.safe_dump(gpu), "gpu.yaml")) == (
+        "bf16 autocast: set in the spec; channels_last: cuDNN's tensor-core convolutions read NHWC"
+    )
 
 
 def test_dry_run_reports_synthetic_data_it_would_write_without_writing_it(embedded):

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 
 from tests.datasets import write_digits_imagefolder
 from tests.test_training import digits_job
-from tests.util import free_ports, node_ports, stop_processes_of, wait_until
+from tests.util import free_ports, get_json, node_ports, stop_processes_of, wait_until
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
@@ -52,7 +51,11 @@ def cluster():
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         address = f"http://127.0.0.1:{dashboard}"
-        wait_until(lambda: _get(f"{address}/api/version") is not None, timeout=60)
+        wait_until(
+            lambda: _get(f"{address}/api/version") is not None,
+            timeout=60,
+            what=f"the dashboard at {address} to answer",
+        )
         yield address
     finally:
         stop_processes_of(temp)  # only this cluster, never `ray stop`
@@ -60,12 +63,13 @@ def cluster():
 
 
 def _get(url: str, token: str = TOKEN):
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
-            return json.loads(reply.read())
-    except OSError:
-        return None
+    """The JSON the token-auth dashboard answers with; None while it answers nothing."""
+    return get_json(url, headers={"Authorization": f"Bearer {token}"})
+
+
+def _got(url: str, what: str):
+    """The JSON at url once the dashboard answers (a loaded machine can miss a 5 s reply)."""
+    return wait_until(lambda: _get(url), timeout=60, what=what)
 
 
 def cli(*args, address, env, timeout=60):
@@ -166,16 +170,17 @@ def test_wrong_or_missing_token_is_one_line_naming_the_setting(cluster, job, tmp
         assert len(result.stderr.strip().splitlines()) == 1, (case, output)
         assert "Traceback" not in output and TOKEN not in output and wrong not in output, case
     # The refused submit started nothing.
-    assert [j["submission_id"] for j in _get(f"{cluster}/api/jobs/")] == [job["id"]]
+    jobs = _got(f"{cluster}/api/jobs/", "the job list")
+    assert [j["submission_id"] for j in jobs] == [job["id"]]
 
 
 def test_the_token_travels_neither_with_the_job_nor_into_its_logs(cluster, job):
-    info = _get(f"{cluster}/api/jobs/{job['id']}")
+    info = _got(f"{cluster}/api/jobs/{job['id']}", f"job {job['id']}'s record")
     assert info["status"] == "SUCCEEDED"
     env_vars = info["runtime_env"]["env_vars"]
     assert env_vars["WRN_CLUSTER_JOB_ID"] == job["id"]  # the forwarded settings are there
     assert not [k for k in env_vars if k.startswith("RAY_AUTH")]
     assert TOKEN not in json.dumps(info)
-    logs = _get(f"{cluster}/api/jobs/{job['id']}/logs")["logs"]
+    logs = _got(f"{cluster}/api/jobs/{job['id']}/logs", f"job {job['id']}'s logs")["logs"]
     assert "epoch 1/1" in logs and TOKEN not in logs
     assert TOKEN not in job["output"]

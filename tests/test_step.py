@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob
-from wrn_cluster.train import optim
+from wrn_cluster.train import optim, precision
 from wrn_cluster.train import step as train_step
 
 
@@ -33,7 +33,8 @@ def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def built(job: ClassifyJob) -> train_step.TrainStep:
     torch.manual_seed(0)
-    model = build_model(job.model.arch, 4).to(memory_format=train_step.memory_format(job))
+    model = build_model(job.model.arch, 4)
+    model = model.to(memory_format=train_step.memory_format(job, torch.device("cpu")))
     return train_step.build(job, model, torch.device("cpu"))
 
 
@@ -104,3 +105,17 @@ def test_bf16_channels_last_step_trains_and_stays_finite():
     losses = [step(images, labels)[0].item() for _ in range(8)]
     assert step.dtype == "bf16" and step.layout == torch.channels_last
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_the_default_layout_is_channels_last_only_where_it_measured_faster():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native = precision.cpu_supports_bf16()
+    assert precision.layout("auto", "bf16", cuda)[0] and precision.layout("auto", "fp16", cuda)[0]
+    assert precision.layout("auto", "fp32", cpu)[0] is False  # 0.91x on an AVX2 CPU
+    assert precision.layout("auto", "bf16", cpu)[0] is native
+    assert precision.layout(True, "fp32", cpu) == (True, "set in the spec")
+    assert precision.layout(False, "bf16", cuda) == (False, "set in the spec")
+    # The step the loop builds from the spec's defaults follows the rule on this CPU.
+    step = built(spec(precision={}))
+    assert step.dtype == ("bf16" if native else "fp32")
+    assert step.layout == (torch.channels_last if native else torch.contiguous_format)

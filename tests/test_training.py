@@ -179,7 +179,7 @@ def test_impossible_resources_fail_within_seconds(digits, tmp_path, local_ray):
     started = time.monotonic()
     with pytest.raises(driver.JobError) as caught:
         driver.run(spec)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # refused up front, not after a wait for resources
     assert str(caught.value) == (
         "job 'digits' asks for 32 CPU (16 workers x 2 CPU), but the cluster has 4 CPU; lower "
         "scaling.workers, scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"

@@ -1,9 +1,11 @@
 """Small helpers the service fixtures share: free ports, bounded waits, and stopping the Ray
 processes a test started (and only those)."""
 
+import json
 import os
 import socket
 import time
+import urllib.request
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
@@ -16,14 +18,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition, timeout: float, interval: float = 0.5):
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    """condition()'s first truthy value, polled until ``timeout``; else a TimeoutError saying
+    what was awaited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"gave up after {timeout:.0f}s")
+    raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+
+
+def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0):
+    """The JSON a URL answers with, or None while it answers nothing that parses."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except (OSError, ValueError):  # refused, timed out, HTTP error, or not JSON (yet)
+        return None
 
 
 def free_ports(count: int) -> list[int]:

@@ -165,6 +165,8 @@ def _dry_run(spec, address: str | None) -> None:
     out.print("preflight")
     for check, result in report.checks:
         out.print(f"  ok  {check:<19} {result}", markup=False)
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", markup=False)
     out.print("plan (dry run: nothing started)")
     for item, value in report.plan:
         out.print(f"  {item:<23} {value}", markup=False)

@@ -147,7 +147,7 @@ def _run(spec: ClassifyJob | DetectJob | TuneJob, job_id: str | None, dashboard_
 
         try:
             return tune.run(spec, context)
-        except tune.SearchError as error:
+        except (tune.SearchError, tracking.RegistrationError) as error:
             raise JobError(str(error)) from None
     printer = ProgressPrinter(spec.name, spec.schedule.epochs)
     trainer = build_trainer(spec, [printer], context)
@@ -159,6 +159,11 @@ def _run(spec: ClassifyJob | DetectJob | TuneJob, job_id: str | None, dashboard_
         raise JobError(f"job {spec.name!r} failed: {_failure(spec, error)}") from None
     if result.checkpoint is not None:
         print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
+    if context:
+        try:
+            tracking.register_job(spec, context)
+        except tracking.RegistrationError as error:
+            raise JobError(str(error)) from None
     return result
 
 

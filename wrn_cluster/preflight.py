@@ -10,13 +10,17 @@ level, and mlflow is reached only through tracking.
 from __future__ import annotations
 
 import math
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from wrn_cluster import data, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.spec import ClassifyJob, DetectJob, JobBase, TuneJob
+from wrn_cluster.train import precision
 
 Spec = ClassifyJob | DetectJob | TuneJob
 # Each remote check gives up after this long: a preflight that hangs would defeat its purpose.
@@ -42,6 +46,7 @@ class Report:
     checks: list[tuple[str, str]] = field(default_factory=list)
     plan: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the job runs, but not as it should
 
 
 def check(spec: Spec) -> None:
@@ -50,6 +55,8 @@ def check(spec: Spec) -> None:
     _check_services(spec, report)
     if report.problems:
         raise PreflightError(report.problems)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def dry_run(spec: Spec, address: str | None) -> Report:
@@ -96,8 +103,14 @@ def _check_data(spec: Spec, report: Report) -> int | None:
 
 
 def _check_services(spec: Spec, report: Report) -> None:
-    for run in (_check_storage, _check_tracking, _check_model_name):
+    for run in (_check_storage, _check_tracking, _check_model_name, _check_precision):
         run(spec, report)
+
+
+def _check_precision(spec: Spec, report: Report) -> None:
+    warning = precision.emulated_bf16_warning(spec.precision.dtype, spec.scaling.use_gpu)
+    if warning:
+        report.warnings.append(warning)
 
 
 def _check_storage(spec: Spec, report: Report) -> None:
@@ -287,6 +300,7 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
         ),
         ("lr", f"{lr:g} ({scaled})"),
         ("epochs", f"{sched.epochs} ({sched.type}{warmup})"),
+        ("precision", precision_plan(spec)),
     ]
     if train_images:
         per_rank = math.ceil(train_images / scaling.workers)
@@ -314,6 +328,34 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
     else:
         rows.append(("tracking", "off"))
     return rows
+
+
+def precision_plan(spec: Spec) -> str:
+    """The dtype and layout the workers will use, and why: for CPU workers as this machine's
+    CPU decides (the cluster's CPUs may differ); for GPU workers by CUDA's rules."""
+    setting = spec.precision
+    if spec.scaling.use_gpu:
+        chosen = "bf16" if setting.dtype == "auto" else setting.dtype
+        dtype = "bf16 autocast, fp16 on GPUs without bf16" if setting.dtype == "auto" else None
+        channels_last, why = precision.layout(setting.channels_last, chosen, _CUDA)
+    else:
+        chosen = precision.resolve(setting.dtype, _CPU)
+        native = "has" if precision.cpu_supports_bf16() else "has no"
+        dtype = f"{_dtype_name(chosen)}: this CPU {native} native bf16"
+        if setting.dtype != "auto":
+            dtype = None
+        channels_last, why = precision.layout(setting.channels_last, chosen, _CPU)
+    dtype = dtype or f"{_dtype_name(chosen)}: set in the spec"
+    layout = "channels_last" if channels_last else "NCHW"
+    compiled = "; torch.compile" if setting.compile else ""
+    return f"{dtype}; {layout}: {why}{compiled}"
+
+
+_CPU, _CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _dtype_name(dtype: str) -> str:
+    return "fp32" if dtype == "fp32" else f"{dtype} autocast"
 
 
 def _short(error: BaseException) -> str:

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,24 @@ BATCH_LIMIT = 1000  # MLflow's most metrics per log_batch
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded SQLite store under the project's home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def bind_fluent(uri: str) -> None:
+    """Point MLflow's fluent API (start_run, log_model, download_artifacts, load_model) of this
+    process at the project's store; left unset it writes to MLflow's own ./mlflow.db."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def client_for(uri: str):
+    """An MlflowClient for ``uri``, with this process's fluent API bound to it as well: MLflow's
+    SQL registry resolves a ``models:/m-...`` source through the fluent URI, not the client's."""
+    from mlflow import MlflowClient
+
+    bind_fluent(uri)
+    return MlflowClient(uri)
 
 
 def redacted(uri: str) -> str:
@@ -316,13 +333,9 @@ class RunTracker:
     """One MLflow run per job: opened (or continued) by rank 0, closed at the end."""
 
     def __init__(self, spec: ClassifyJob, context: dict, run_id: str | None = None) -> None:
-        import mlflow
-        from mlflow import MlflowClient
-
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         self.spec, self.context = spec, context
-        self.client = MlflowClient(context["tracking_uri"])
-        mlflow.set_tracking_uri(context["tracking_uri"])
+        self.client = client_for(context["tracking_uri"])  # log_model is fluent
         experiment_id = _experiment_id(self.client, context, spec.tracking.experiment)
         run_id = run_id or self._unfinished_run(experiment_id)
         if run_id:
@@ -375,40 +388,25 @@ class RunTracker:
         self.sender.add(numeric, step)
 
     def ship_model(
-        self,
-        net,
-        class_names: list[str],
-        image_size: int,
-        metrics: dict[str, float],
-        wait_s: float = 180.0,
+        self, net, class_names: list[str], image_size: int, wait_s: float = 180.0
     ) -> str | None:
-        """log_model, then register; each waits out a tracking server that is down for a while
-        and is retried on its own, so a failed registration never logs the model again, and a
-        retried one finds the version it made. The weights are in the checkpoint either way, so
-        giving up only warns."""
-        return self._ship(lambda: self.log_model(net, class_names, image_size), metrics, wait_s)
+        """log_model, waiting out a tracking server that is down for a while. The driver
+        registers what was logged once training is over; the weights are in the checkpoint
+        either way, so giving up only warns."""
+        return self._until(
+            time.monotonic() + wait_s,
+            "log the model to MLflow",
+            lambda: self.log_model(net, class_names, image_size)[0],
+        )
 
     def ship_detector(
-        self,
-        net,
-        categories: list[dict],
-        options: dict[str, Any],
-        metrics: dict[str, float],
-        wait_s: float = 180.0,
+        self, net, categories: list[dict], options: dict[str, Any], wait_s: float = 180.0
     ) -> str | None:
-        """log_detector, then register, as ship_model does."""
-        return self._ship(lambda: self.log_detector(net, categories, options), metrics, wait_s)
-
-    def _ship(self, log_model, metrics: dict[str, float], wait_s: float) -> str | None:
-        deadline = time.monotonic() + wait_s
-        logged = self._until(deadline, "log the model to MLflow", log_model)
-        if logged is None:
-            return None
-        model_uri, facts = logged
+        """log_detector, as ship_model does."""
         return self._until(
-            deadline,
-            f"register the logged model {model_uri}",
-            lambda: register(self.client, self.spec, model_uri, self.run_id, metrics, facts),
+            time.monotonic() + wait_s,
+            "log the model to MLflow",
+            lambda: self.log_detector(net, categories, options)[0],
         )
 
     def _until(self, deadline: float, what: str, attempt):
@@ -548,10 +546,9 @@ class RunTracker:
 
 def end_unfinished_run(spec: ClassifyJob, context: dict, status: str) -> None:
     """Mark the job's run ended when its workers could not (the job failed for good)."""
-    from mlflow import MlflowClient
 
     try:
-        client = MlflowClient(context["tracking_uri"])
+        client = client_for(context["tracking_uri"])
         experiment = client.get_experiment_by_name(spec.tracking.experiment)
         if experiment is None:
             return
@@ -582,23 +579,137 @@ def _params(values: dict[str, Any]) -> list:
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
-def register(
-    client, spec, model_uri: str, run_id: str, metrics: dict[str, float], facts: dict[str, Any]
-) -> str | None:
-    """A new version of tracking.registered_model; the alias moves to it only if its promotion
-    metric beats the version that holds the alias now. The decision is logged on both."""
-    import mlflow
+class RegistrationError(Exception):
+    """Training finished but its model is not registered; the message names the model, the run
+    that holds it and what to do."""
+
+
+# MLflow error codes another attempt cannot change: give up at once instead of waiting.
+_FINAL_ERRORS = {
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "NOT_FOUND",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
+
+
+def register_job(spec, context: dict, wait_s: float = 180.0) -> str | None:
+    """Register the model a classification or detection job's run logged, once training is
+    over (the driver calls it); returns the version. Raises RegistrationError."""
 
     name = spec.tracking.registered_model
     if not name:
         return None
-    # A retried shipment must not make a second version of the same logged model.
+    client = client_for(context["tracking_uri"])
+
+    def find():
+        experiment = client.get_experiment_by_name(spec.tracking.experiment)
+        runs = experiment and client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{JOB_TAG}` = '{spec.name}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if not runs:
+            return None, None
+        logged = client.search_logged_models(
+            [experiment.experiment_id],
+            filter_string=f"source_run_id = '{runs[0].info.run_id}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            max_results=1,
+        )
+        return runs[0], (logged[0] if logged else None)
+
+    deadline = time.monotonic() + wait_s
+    run, model = _retrying(deadline, find, lambda e: _registration_error(spec, None, e))
+    if run is None:
+        raise RegistrationError(
+            f"job {spec.name!r} trained, but MLflow ({display_uri()}) has no run of it in "
+            f"experiment {spec.tracking.experiment!r} to register {name!r} from; the weights "
+            "are in the job's checkpoints"
+        )
+    if model is None:
+        raise RegistrationError(
+            f"job {spec.name!r} trained, but its MLflow run {run.info.run_id} holds no logged "
+            f"model to register as {name!r} (the warning above says why); the weights are in "
+            "the job's checkpoints"
+        )
+    facts = {
+        key.removeprefix("model."): value
+        for key, value in run.data.params.items()
+        if key in ("model.params", "model.gmacs")
+    }
+    metrics = dict(run.data.metrics)
+    return _retrying(
+        deadline,
+        lambda: register(client, spec, model, metrics, facts, run.info.run_id),
+        lambda error: _registration_error(spec, model, error),
+    )
+
+
+def _retrying(deadline: float, attempt, failure):
+    """attempt() until it succeeds; a final MLflow error, or any past the deadline, is raised
+    as ``failure(error)``."""
+    from mlflow.exceptions import MlflowException
+
+    while True:
+        try:
+            return attempt()
+        except Exception as error:  # server or store errors of any kind
+            final = isinstance(error, MlflowException) and error.error_code in _FINAL_ERRORS
+            if final or time.monotonic() > deadline:
+                raise failure(error) from None
+            time.sleep(5)
+
+
+def _registration_error(spec, model, error: Exception) -> RegistrationError:
+    reason = _scrub(" ".join(str(getattr(error, "message", error)).split()))
+    name = spec.tracking.registered_model
+    where = (
+        f"the model stays logged as {model.model_uri} in MLflow run {model.source_run_id}"
+        if model is not None
+        else "the job's MLflow run keeps its metrics"
+    )
+    return RegistrationError(
+        f"job {spec.name!r} trained, but registering its model as {name!r} in MLflow "
+        f"({display_uri()}) failed: {reason}; {where}, and the weights are in the job's "
+        f"checkpoints; once that is fixed, register it with "
+        f"mlflow.register_model({model.model_uri if model else 'MODEL_URI'!r}, {name!r})"
+    )
+
+
+def register(
+    client, spec, model, metrics: dict[str, float], facts: dict[str, Any], run_id: str
+) -> str:
+    """A new version of tracking.registered_model from a logged model; the alias moves to it
+    only if its promotion metric beats the version that holds the alias now. The decision is
+    logged on the version and on run ``run_id`` (the job's run, or a search's parent run)."""
+    from mlflow.exceptions import MlflowException
+
+    name = spec.tracking.registered_model
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # A retried registration must not make a second version of the same logged model.
     found = [
         v
-        for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if v.source == model_uri
+        for v in client.search_model_versions(
+            f"name = '{name}' and run_id = '{model.source_run_id}'"
+        )
+        if v.source == model.model_uri
     ]
-    version = found[0].version if found else mlflow.register_model(model_uri, name).version
+    version = (
+        found[0].version
+        if found
+        else client.create_model_version(
+            name, model.model_uri, run_id=model.source_run_id, model_id=model.model_id
+        ).version
+    )
     tags = {
         "dataset": spec.data.dataset,
         "job_name": spec.name,
@@ -613,7 +724,7 @@ def register(
     new = metrics.get(metric)
     try:
         holder = client.get_model_version_by_alias(name, alias)
-    except Exception:  # no version holds the alias yet
+    except MlflowException:  # no version holds the alias yet
         holder = None
     old = float(holder.tags[metric]) if holder and metric in holder.tags else None
     lower_is_better = metric.endswith("loss")
@@ -626,7 +737,7 @@ def register(
         f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
         + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
     )
-    print(decision, file=sys.stderr, flush=True)  # a Train worker's stdout shows twice
+    print(f"[{spec.name}] {decision}", flush=True)
     client.set_tag(run_id, "wrn_cluster.promotion", decision)
     client.set_model_version_tag(name, version, "promotion", decision)
     return version
@@ -637,9 +748,8 @@ def register(
 
 
 def open_sweep(spec, context: dict) -> str:
-    from mlflow import MlflowClient
 
-    client = MlflowClient(context["tracking_uri"])
+    client = client_for(context["tracking_uri"])
     experiment_id = _experiment_id(client, context, spec.tracking.experiment)
     run = client.create_run(experiment_id, run_name=spec.name, tags=_tags(spec, context))
     client.log_batch(run.info.run_id, params=_params(flatten(spec)))
@@ -648,18 +758,23 @@ def open_sweep(spec, context: dict) -> str:
 
 
 def end_run(context: dict, run_id: str, status: str) -> None:
-    from mlflow import MlflowClient
 
-    MlflowClient(context["tracking_uri"]).set_terminated(run_id, status)
+    client_for(context["tracking_uri"]).set_terminated(run_id, status)
 
 
 def finish_sweep(
-    spec, context: dict, parent_run_id: str, rows: list[dict], table_csv: str, png: bytes
+    spec,
+    context: dict,
+    parent_run_id: str,
+    rows: list[dict],
+    table_csv: str,
+    png: bytes,
+    wait_s: float = 180.0,
 ) -> None:
-    """Results table and plot on the parent; stopped trials' runs closed; best registered."""
-    from mlflow import MlflowClient
+    """Results table and plot on the parent; stopped trials' runs closed; the best trial's
+    logged model registered (RegistrationError when the registry refuses it)."""
 
-    client = MlflowClient(context["tracking_uri"])
+    client = client_for(context["tracking_uri"])
     client.log_text(parent_run_id, table_csv, "results.csv")
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch, "val_vs_params.png")
@@ -678,6 +793,7 @@ def finish_sweep(
         if run.info.status == "RUNNING":  # the scheduler stops trials without warning
             done = run.data.tags.get(JOB_TAG) in finished
             client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
+    best = None
     for row in rows:  # best first
         child = by_job.get(f"{spec.name}-{row.get('trial_id')}")
         if row[metric] is None or child is None or row["status"] == "failed":
@@ -685,14 +801,23 @@ def finish_sweep(
         logged = client.search_logged_models(
             [experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
         )
-        if not logged:
-            continue  # stopped before it logged a model
-        client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
-        metrics = {k: v for k, v in child.data.metrics.items() if k.startswith("val_")}
-        facts = {"arch": row["arch"], "params": row["params"], "gmacs": row["gmacs"]}
-        register(client, spec, logged[0].model_uri, parent_run_id, metrics, facts)
-        break
-    client.set_terminated(parent_run_id, "FINISHED")
+        if logged:  # else it stopped before it logged a model
+            best = row, child, logged[0]
+            break
+    try:
+        if best:
+            row, child, model = best
+            client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
+        if best and spec.tracking.registered_model:
+            metrics = {k: v for k, v in child.data.metrics.items() if k.startswith("val_")}
+            facts = {"arch": row["arch"], "params": row["params"], "gmacs": row["gmacs"]}
+            _retrying(
+                time.monotonic() + wait_s,
+                lambda: register(client, spec, model, metrics, facts, parent_run_id),
+                lambda error: _registration_error(spec, model, error),
+            )
+    finally:
+        client.set_terminated(parent_run_id, "FINISHED")  # the trials ran either way
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,11 +826,10 @@ def finish_sweep(
 
 def resolve_version(model_uri: str):
     """The registry version behind models:/NAME@alias or models:/NAME/VERSION, else None."""
-    from mlflow import MlflowClient
 
     if not model_uri.startswith("models:/"):
         return None
-    client = MlflowClient(tracking_uri())
+    client = client_for(tracking_uri())
     ref = model_uri[len("models:/") :]
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -717,7 +841,7 @@ def resolve_version(model_uri: str):
 def pull(model_uri: str, dst: str | Path) -> dict[str, Any]:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    bind_fluent(tracking_uri())
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; choose another --dst or empty it")
@@ -753,7 +877,7 @@ def predict(
     # Imported before loading: torchvision registers the ops scripted detectors call.
     from torchvision.transforms.v2 import functional as F
 
-    mlflow.set_tracking_uri(tracking_uri())
+    bind_fluent(tracking_uri())
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     meta = mlflow.models.Model.load(local).metadata or {}
     pictures = []

@@ -88,7 +88,7 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
         torch.manual_seed(spec.seed * 1009 + rank)
         train_set, val_set, class_names = data.build_datasets(spec)
         model = build_model(spec.model.arch, len(class_names))
-        model = model.to(memory_format=train_step.memory_format(spec))
+        model = model.to(memory_format=train_step.memory_format(spec, device))
         model = DistributedDataParallel(model) if world > 1 else model
         step_fn = train_step.build(spec, model, device)
         sampler, train_loader, val_loader = loaders(spec, train_set, val_set, rank, world, device)

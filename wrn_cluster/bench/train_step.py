@@ -108,7 +108,7 @@ def _project_step(
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], train_step.TrainStep]:
     torch.manual_seed(seed)
     model = build_model(spec.model.arch, spec.model.num_classes or 10)
-    model = model.to(memory_format=train_step.memory_format(spec)).to(device).train()
+    model = model.to(memory_format=train_step.memory_format(spec, device)).to(device).train()
     step = train_step.build(spec, model, device)
     totals = torch.zeros(len(train_step.STATS), device=device, dtype=torch.float64)
 
@@ -281,7 +281,12 @@ def _measure(plan: Plan, notes: list[str], say: Say) -> Comparison:
             "steps_per_round": plan.steps,
             "clock": "process CPU time" if plan.cpu_time else "wall",
             "threads": torch.get_num_threads(),
-            "precision": {**spec.precision.model_dump(), "dtype": step.dtype},  # as resolved
+            # As resolved for the device.
+            "precision": {
+                **spec.precision.model_dump(),
+                "dtype": step.dtype,
+                "channels_last": step.layout == torch.channels_last,
+            },
         },
         extra=extra,
         notes=notes,

@@ -161,10 +161,9 @@ def train_detector(config: dict[str, Any]) -> None:
         weights = checkpoint.read_weights(spec.model.backbone_weights, spec.model.arch)
     options = detection_models.options(spec)
     model = build_detector(num_classes=categories.num_classes, backbone_weights=weights, **options)
-    if spec.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
     dtype = precision.resolve(spec.precision.dtype, run.device)
+    layout = precision.memory_format(spec.precision.channels_last, dtype, run.device)
+    model = ray.train.torch.prepare_model(model.to(memory_format=layout))
     step_fn = DetectStep(
         model=model,
         optimizer=optim.build_optimizer(model, spec, spec.data.batch_size),
@@ -197,6 +196,6 @@ def train_detector(config: dict[str, Any]) -> None:
             **run.timing(),
         }
         if run.tracker and run.is_last(epoch):  # before the last report, like classification
-            run.tracker.ship_detector(unwrap(model), categories.as_list(), options, metrics)
+            run.tracker.ship_detector(unwrap(model), categories.as_list(), options)
         run.report(epoch, metrics, {"categories": categories.as_list(), "detector": options})
     run.close()

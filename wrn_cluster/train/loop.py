@@ -23,7 +23,9 @@ def train_classifier(config: dict[str, Any]) -> None:
     train_set, val_set, class_names = data.build_datasets(spec)
     num_classes = spec.model.num_classes or len(class_names)
     model = build_model(spec.model.arch, num_classes, dropout=spec.model.dropout)
-    model = ray.train.torch.prepare_model(model.to(memory_format=train_step.memory_format(spec)))
+    model = ray.train.torch.prepare_model(
+        model.to(memory_format=train_step.memory_format(spec, device))
+    )
     # The per-batch step (also what `wrn-cluster bench train-step` times), with its optimizer.
     step_fn = train_step.build(spec, model, device)
 
@@ -52,6 +54,6 @@ def train_classifier(config: dict[str, Any]) -> None:
             **run.timing(),
         }
         if run.tracker and run.is_last(epoch):  # before the last report: a search may stop there
-            run.tracker.ship_model(unwrap(model), class_names, spec.image_size, metrics)
+            run.tracker.ship_model(unwrap(model), class_names, spec.image_size)
         run.report(epoch, metrics, {"class_names": class_names})
     run.close()

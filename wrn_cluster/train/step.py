@@ -23,8 +23,10 @@ from wrn_cluster.train import optim, precision
 STATS = ("loss_sum", "correct", "counted", "skipped")
 
 
-def memory_format(spec: ClassifyJob) -> torch.memory_format:
-    return torch.channels_last if spec.precision.channels_last else torch.contiguous_format
+def memory_format(spec: ClassifyJob, device: torch.device) -> torch.memory_format:
+    """The model's layout on ``device``: the spec's, or for "auto" what pays there."""
+    dtype = precision.resolve(spec.precision.dtype, device)
+    return precision.memory_format(spec.precision.channels_last, dtype, device)
 
 
 def to_input(
@@ -113,7 +115,7 @@ def build(spec: ClassifyJob, model: nn.Module, device: torch.device) -> TrainSte
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == "fp16"),
         dtype=dtype,
         device=device,
-        layout=memory_format(spec),
+        layout=memory_format(spec, device),
         scale=scale,
         shift=shift,
         label_smoothing=spec.optimizer.label_smoothing,
