@@ -102,8 +102,8 @@ def test_the_plan_names_the_precision_and_layout_this_cpu_gets_and_why(embedded)
         ), line
     else:
         assert line.endswith(
-            "fp32: this CPU has no native bf16; NCHW: channels_last ran 0.91x of NCHW on a CPU "
-            "without native bf16"
+            "fp32: this CPU has no native bf16; NCHW: channels_last ran 0.91x of NCHW in fp32 "
+            "on the CPU"
         ), line
     assert "warning:" not in result.stdout
 

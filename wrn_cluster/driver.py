@@ -161,7 +161,7 @@ def _run(spec: ClassifyJob | DetectJob | TuneJob, job_id: str | None, dashboard_
         print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
     if context:
         try:
-            tracking.register_job(spec, context)
+            tracking.register_job(spec, context, result.metrics)
         except tracking.RegistrationError as error:
             raise JobError(str(error)) from None
     return result

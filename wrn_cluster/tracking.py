@@ -48,6 +48,8 @@ def client_for(uri: str):
     SQL registry resolves a ``models:/m-...`` source through the fluent URI, not the client's."""
     from mlflow import MlflowClient
 
+    # One request may otherwise retry for minutes; callers wait out outages themselves.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     bind_fluent(uri)
     return MlflowClient(uri)
 
@@ -596,9 +598,12 @@ _FINAL_ERRORS = {
 }
 
 
-def register_job(spec, context: dict, wait_s: float = 180.0) -> str | None:
+def register_job(
+    spec, context: dict, metrics: dict[str, Any] | None, wait_s: float = 180.0
+) -> str | None:
     """Register the model a classification or detection job's run logged, once training is
-    over (the driver calls it); returns the version. Raises RegistrationError."""
+    over (the driver calls it, with the last epoch's ``metrics`` from Ray Train; the run's own
+    are used when no epoch ran); returns the version. Raises RegistrationError."""
 
     name = spec.tracking.registered_model
     if not name:
@@ -615,13 +620,7 @@ def register_job(spec, context: dict, wait_s: float = 180.0) -> str | None:
         )
         if not runs:
             return None, None
-        logged = client.search_logged_models(
-            [experiment.experiment_id],
-            filter_string=f"source_run_id = '{runs[0].info.run_id}'",
-            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
-            max_results=1,
-        )
-        return runs[0], (logged[0] if logged else None)
+        return runs[0], _newest_ready_model(client, experiment.experiment_id, runs[0])
 
     deadline = time.monotonic() + wait_s
     run, model = _retrying(deadline, find, lambda e: _registration_error(spec, None, e))
@@ -642,12 +641,25 @@ def register_job(spec, context: dict, wait_s: float = 180.0) -> str | None:
         for key, value in run.data.params.items()
         if key in ("model.params", "model.gmacs")
     }
-    metrics = dict(run.data.metrics)
+    metrics = {k: v for k, v in (metrics or run.data.metrics).items() if isinstance(v, int | float)}
     return _retrying(
         deadline,
         lambda: register(client, spec, model, metrics, facts, run.info.run_id),
         lambda error: _registration_error(spec, model, error),
     )
+
+
+def _newest_ready_model(client, experiment_id: str, run):
+    """The run's newest logged model whose upload completed (a failed log_model leaves one
+    FAILED or PENDING behind), else None."""
+    from mlflow.entities import LoggedModelStatus
+
+    logged = client.search_logged_models(
+        [experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    )
+    return next((m for m in logged if m.status == LoggedModelStatus.READY), None)
 
 
 def _retrying(deadline: float, attempt, failure):
@@ -658,7 +670,7 @@ def _retrying(deadline: float, attempt, failure):
     while True:
         try:
             return attempt()
-        except Exception as error:  # server or store errors of any kind
+        except (MlflowException, OSError) as error:  # the server's or the store's, not ours
             final = isinstance(error, MlflowException) and error.error_code in _FINAL_ERRORS
             if final or time.monotonic() > deadline:
                 raise failure(error) from None
@@ -666,18 +678,28 @@ def _retrying(deadline: float, attempt, failure):
 
 
 def _registration_error(spec, model, error: Exception) -> RegistrationError:
-    reason = _scrub(" ".join(str(getattr(error, "message", error)).split()))
+    text = str(getattr(error, "message", error))
+    body = re.search(r"Response body: '([^']*)'", text)  # an HTTP error's plain-text answer
+    reason = _scrub(" ".join((body.group(1) if body else text).split())).rstrip(".")
+    code = getattr(error, "error_code", None)
+    if code and code != "INTERNAL_ERROR":
+        reason = f"{reason} ({code})"
     name = spec.tracking.registered_model
-    where = (
-        f"the model stays logged as {model.model_uri} in MLflow run {model.source_run_id}"
-        if model is not None
-        else "the job's MLflow run keeps its metrics"
-    )
+    if model is None:
+        where = "the job's MLflow run keeps its metrics, and the weights are in its checkpoints"
+        hint = "submit the job again once the server answers"
+    else:
+        where = (
+            f"the model stays logged as {model.model_uri} in MLflow run {model.source_run_id}, "
+            "and the weights are in the job's checkpoints"
+        )
+        hint = (
+            f"register it once that is fixed: MLFLOW_TRACKING_URI={display_uri()} python -c "
+            f"\"import mlflow; mlflow.register_model('{model.model_uri}', '{name}')\""
+        )
     return RegistrationError(
         f"job {spec.name!r} trained, but registering its model as {name!r} in MLflow "
-        f"({display_uri()}) failed: {reason}; {where}, and the weights are in the job's "
-        f"checkpoints; once that is fixed, register it with "
-        f"mlflow.register_model({model.model_uri if model else 'MODEL_URI'!r}, {name!r})"
+        f"({display_uri()}) failed: {reason}; {where}; {hint}"
     )
 
 
@@ -729,17 +751,18 @@ def register(
     old = float(holder.tags[metric]) if holder and metric in holder.tags else None
     lower_is_better = metric.endswith("loss")
     better = new is not None and (old is None or (new < old if lower_is_better else new > old))
-    if holder and str(holder.version) == str(version):  # a retry after the alias moved
-        better, holder = True, None
-    if better:
-        client.set_registered_model_alias(name, alias, version)
-    decision = (
-        f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
-        + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
-    )
-    print(f"[{spec.name}] {decision}", flush=True)
+    if holder and str(holder.version) == str(version):  # registered and promoted before
+        decision = f"kept {name}@{alias}: v{version} {metric}={new} holds it already"
+    else:
+        if better:
+            client.set_registered_model_alias(name, alias, version)
+        decision = (
+            f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
+            + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
+        )
     client.set_tag(run_id, "wrn_cluster.promotion", decision)
     client.set_model_version_tag(name, version, "promotion", decision)
+    print(f"[{spec.name}] {decision}", flush=True)  # once, after a retry could repeat it
     return version
 
 
@@ -772,52 +795,65 @@ def finish_sweep(
     wait_s: float = 180.0,
 ) -> None:
     """Results table and plot on the parent; stopped trials' runs closed; the best trial's
-    logged model registered (RegistrationError when the registry refuses it)."""
-
+    logged model registered. Raises RegistrationError when MLflow refuses any of it."""
     client = client_for(context["tracking_uri"])
-    client.log_text(parent_run_id, table_csv, "results.csv")
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch, "val_vs_params.png")
-        path.write_bytes(png)
-        client.log_artifact(parent_run_id, str(path))
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    )
-    by_job = {run.data.tags.get(JOB_TAG): run for run in children}
-    metric = f"best_{spec.tune.metric}"
-    finished = {
-        f"{spec.name}-{row.get('trial_id')}" for row in rows if row["status"] == "completed"
-    }
-    for run in children:
-        if run.info.status == "RUNNING":  # the scheduler stops trials without warning
-            done = run.data.tags.get(JOB_TAG) in finished
-            client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
-    best = None
-    for row in rows:  # best first
-        child = by_job.get(f"{spec.name}-{row.get('trial_id')}")
-        if row[metric] is None or child is None or row["status"] == "failed":
-            continue
-        logged = client.search_logged_models(
-            [experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
+    deadline = time.monotonic() + wait_s
+
+    def record():
+        """Log the table and plot, close the trials' runs; the best trial's (row, run, model)."""
+        client.log_text(parent_run_id, table_csv, "results.csv")
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch, "val_vs_params.png")
+            path.write_bytes(png)
+            client.log_artifact(parent_run_id, str(path))
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
         )
-        if logged:  # else it stopped before it logged a model
-            best = row, child, logged[0]
-            break
+        by_job = {run.data.tags.get(JOB_TAG): run for run in children}
+        metric = f"best_{spec.tune.metric}"
+        finished = {
+            f"{spec.name}-{row.get('trial_id')}" for row in rows if row["status"] == "completed"
+        }
+        for run in children:
+            if run.info.status == "RUNNING":  # the scheduler stops trials without warning
+                done = run.data.tags.get(JOB_TAG) in finished
+                client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
+        for row in rows:  # best first
+            child = by_job.get(f"{spec.name}-{row.get('trial_id')}")
+            if row[metric] is None or child is None or row["status"] == "failed":
+                continue
+            model = _newest_ready_model(client, experiment_id, child)
+            if model:  # else it stopped before it logged a model
+                client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
+                return row, child, model
+        return None
+
     try:
-        if best:
-            row, child, model = best
-            client.set_tag(parent_run_id, "wrn_cluster.best_run_id", child.info.run_id)
+        best = _retrying(deadline, record, lambda error: _sweep_error(spec, parent_run_id, error))
         if best and spec.tracking.registered_model:
+            row, child, model = best
             metrics = {k: v for k, v in child.data.metrics.items() if k.startswith("val_")}
             facts = {"arch": row["arch"], "params": row["params"], "gmacs": row["gmacs"]}
             _retrying(
-                time.monotonic() + wait_s,
+                deadline,
                 lambda: register(client, spec, model, metrics, facts, parent_run_id),
                 lambda error: _registration_error(spec, model, error),
             )
     finally:
-        client.set_terminated(parent_run_id, "FINISHED")  # the trials ran either way
+        try:
+            client.set_terminated(parent_run_id, "FINISHED")  # the trials ran either way
+        except Exception as error:  # the error above, if any, says more
+            warnings.warn(f"could not mark the search's MLflow run finished: {error}", stacklevel=1)
+
+
+def _sweep_error(spec, parent_run_id: str, error: Exception) -> RegistrationError:
+    reason = _scrub(" ".join(str(getattr(error, "message", error)).split()))
+    return RegistrationError(
+        f"search {spec.name!r} finished, but recording its results in MLflow "
+        f"({display_uri()}, run {parent_run_id}) failed: {reason}; the trials' runs and "
+        "checkpoints stay, and the results table is printed above"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,22 +163,30 @@ def interleave(
     return rates
 
 
+# The vector and matrix extensions the CPU defaults depend on (bf16 above all).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def machine(device: str = "cpu") -> dict[str, Any]:
     """What ran the bench: CPU model and cores, accelerator, torch build, date (UTC)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                cpu,
-            )
+            lines = info.readlines()
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu
+        )
+        found = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        flags = [flag for flag in CPU_FLAGS if flag in found]
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     facts: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": cores,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,7 +194,8 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
     facts["summary"] = (
-        f"{facts.get('gpu', 'no GPU')}; {cpu}, {cores} cores; torch {facts['torch']}; "
+        f"{facts.get('gpu', 'no GPU')}; {cpu}, {cores} cores ({' '.join(flags) or 'no AVX'}); "
+        f"torch {facts['torch']}; "
         f"{facts['date']}"
     )
     return facts

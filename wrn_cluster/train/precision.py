@@ -36,7 +36,9 @@ def layout(setting: bool | str, dtype: str, device: torch.device) -> tuple[bool,
         return True, "cuDNN's tensor-core convolutions read NHWC"
     if dtype == "bf16" and cpu_supports_bf16():
         return True, "1.13x over NCHW with native bf16 on the CPU"
-    return False, "channels_last ran 0.91x of NCHW on a CPU without native bf16"
+    if dtype == "fp32":
+        return False, "channels_last ran 0.91x of NCHW in fp32 on the CPU"
+    return False, f"{dtype} has no native kernels on this CPU; NCHW, as for fp32"
 
 
 def memory_format(setting: bool | str, dtype: str, device: torch.device) -> torch.memory_format:
