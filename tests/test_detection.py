@@ -394,6 +394,9 @@ def trained(tmp_path_factory):
     from wrn_cluster import driver
 
     home = tmp_path_factory.mktemp("home")
+    # Run from a directory of its own: no stray MLflow store may appear in it.
+    workdir, cwd = tmp_path_factory.mktemp("workdir"), os.getcwd()
+    os.chdir(workdir)
     saved = dict(os.environ)
     os.environ.update(WRN_CLUSTER_HOME=str(home))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -410,9 +413,17 @@ def trained(tmp_path_factory):
         started = time.monotonic()
         result = driver.run(spec)
         seconds = time.monotonic() - started
-        yield {"job": job, "spec": spec, "result": result, "seconds": seconds, "home": home}
+        yield {
+            "job": job,
+            "spec": spec,
+            "result": result,
+            "seconds": seconds,
+            "home": home,
+            "workdir": workdir,
+        }
     finally:
         ray.shutdown()
+        os.chdir(cwd)
         os.environ.clear()
         os.environ.update(saved)
 
@@ -454,8 +465,13 @@ def test_detector_learns_shapes_with_two_workers_and_logs_coco_metrics(trained):
     )[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "AP50")] == [1, 2, 3, 4]
     assert run.data.params["kind"] == "detect" and "data.train.images" in run.data.params
+    # Registered by the driver in the project's embedded store, and nowhere else.
+    assert tracking.tracking_uri() == f"sqlite:///{trained['home'] / 'mlflow.db'}"
     version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == run.info.run_id
     assert float(version.tags["AP"]) == pytest.approx(metrics["AP"], abs=1e-6)
+    assert list(trained["workdir"].rglob("mlflow.db")) == []
+    assert list(trained["workdir"].rglob("mlruns")) == []
     state = newest_state(trained["home"])
     assert [c["id"] for c in state["categories"]] == [cid for cid, _ in SHAPES]
 
