@@ -335,20 +335,17 @@ def precision_plan(spec: Spec) -> str:
     CPU decides (the cluster's CPUs may differ); for GPU workers by CUDA's rules."""
     setting = spec.precision
     if spec.scaling.use_gpu:
-        chosen = "bf16" if setting.dtype == "auto" else setting.dtype
-        dtype = "bf16 autocast, fp16 on GPUs without bf16" if setting.dtype == "auto" else None
-        channels_last, why = precision.layout(setting.channels_last, chosen, _CUDA)
+        device, chosen = _CUDA, "bf16" if setting.dtype == "auto" else setting.dtype
+        why_dtype = "fp16 on GPUs without bf16"
     else:
-        chosen = precision.resolve(setting.dtype, _CPU)
-        native = "has" if precision.cpu_supports_bf16() else "has no"
-        dtype = f"{_dtype_name(chosen)}: this CPU {native} native bf16"
-        if setting.dtype != "auto":
-            dtype = None
-        channels_last, why = precision.layout(setting.channels_last, chosen, _CPU)
-    dtype = dtype or f"{_dtype_name(chosen)}: set in the spec"
+        device, chosen = _CPU, precision.resolve(setting.dtype, _CPU)
+        why_dtype = f"this CPU {'has' if precision.cpu_supports_bf16() else 'has no'} native bf16"
+    if setting.dtype != "auto":
+        why_dtype = "set in the spec"
+    channels_last, why = precision.layout(setting.channels_last, chosen, device)
     layout = "channels_last" if channels_last else "NCHW"
     compiled = "; torch.compile" if setting.compile else ""
-    return f"{dtype}; {layout}: {why}{compiled}"
+    return f"{_dtype_name(chosen)}: {why_dtype}; {layout}: {why}{compiled}"
 
 
 _CPU, _CUDA = torch.device("cpu"), torch.device("cuda")

@@ -335,7 +335,6 @@ class RunTracker:
     """One MLflow run per job: opened (or continued) by rank 0, closed at the end."""
 
     def __init__(self, spec: ClassifyJob, context: dict, run_id: str | None = None) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         self.spec, self.context = spec, context
         self.client = client_for(context["tracking_uri"])  # log_model is fluent
         experiment_id = _experiment_id(self.client, context, spec.tracking.experiment)
@@ -548,7 +547,6 @@ class RunTracker:
 
 def end_unfinished_run(spec: ClassifyJob, context: dict, status: str) -> None:
     """Mark the job's run ended when its workers could not (the job failed for good)."""
-
     try:
         client = client_for(context["tracking_uri"])
         experiment = client.get_experiment_by_name(spec.tracking.experiment)
@@ -771,7 +769,6 @@ def register(
 
 
 def open_sweep(spec, context: dict) -> str:
-
     client = client_for(context["tracking_uri"])
     experiment_id = _experiment_id(client, context, spec.tracking.experiment)
     run = client.create_run(experiment_id, run_name=spec.name, tags=_tags(spec, context))
@@ -781,7 +778,6 @@ def open_sweep(spec, context: dict) -> str:
 
 
 def end_run(context: dict, run_id: str, status: str) -> None:
-
     client_for(context["tracking_uri"]).set_terminated(run_id, status)
 
 
