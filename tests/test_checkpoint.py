@@ -7,6 +7,7 @@ import hashlib
 import json
 import pathlib
 import pickle
+import time
 import warnings
 
 import pytest
@@ -223,8 +224,16 @@ def test_an_upload_retries_with_backoff_while_the_store_is_down_then_completes(
 
     outage, arrow_fs, prefix, direct = blinking_s3
     outage.go_down()
-    threading.Timer(6.0, outage.come_back).start()  # longer than the SDK's own retries
     with pytest.warns(UserWarning, match=r"attempt \d of 8.*retrying in") as warned:
+        # The store comes back once the upload has given up twice, whatever the SDK's own
+        # retries took on this machine: a timer could end the outage before the first give-up.
+        def come_back_after_two_retries():
+            deadline = time.monotonic() + 240
+            while len(warned) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            outage.come_back()
+
+        threading.Thread(target=come_back_after_two_retries, daemon=True).start()
         checkpoint.upload(_saved(tmp_path, 1), arrow_fs, f"{prefix}/job/ckpt_1", 8, 0.5)
     waits = [float(str(w.message).rsplit("retrying in ", 1)[1][:-1]) for w in warned]
     assert len(waits) >= 2 and waits[:2] == [0.5, 1.0]  # doubling
