@@ -36,11 +36,12 @@ def tracking_uri() -> str:
 
 def bind_fluent(uri: str) -> None:
     """Point MLflow's fluent API (start_run, log_model, download_artifacts, load_model) of this
-    process at the project's store; left unset it writes to MLflow's own ./mlflow.db."""
+    process at the project's store; left unset it writes to MLflow's own ./mlflow.db. The
+    registry follows the tracking URI: a registry URI set here would stick to every client
+    this process makes later, whatever URI that client is given."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
 
 
 def client_for(uri: str):
