@@ -36,22 +36,41 @@ def tracking_uri() -> str:
 
 def bind_fluent(uri: str) -> None:
     """Point MLflow's fluent API (start_run, log_model, download_artifacts, load_model) of this
-    process at the project's store; left unset it writes to MLflow's own ./mlflow.db. The
-    registry follows the tracking URI: a registry URI set here would stick to every client
-    this process makes later, whatever URI that client is given."""
+    process at the project's store for good; left unset it writes to MLflow's own ./mlflow.db.
+    For processes that serve one job: a Train worker, `pull`, `predict`. The registry follows
+    the tracking URI (a registry URI set here would stick to every later client)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
 
 
+@contextlib.contextmanager
+def fluent_store(uri: str):
+    """MLflow's fluent tracking URI set to ``uri`` for the block, then put back as it was: the
+    driver may share its process (a test, a notebook) with other stores. Needed around model
+    registration: MLflow's SQL registry resolves a ``models:/m-...`` source through the fluent
+    URI, not the client's."""
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None: unset again
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def client_for(uri: str):
-    """An MlflowClient for ``uri``, with this process's fluent API bound to it as well: MLflow's
-    SQL registry resolves a ``models:/m-...`` source through the fluent URI, not the client's."""
+    """An MlflowClient for ``uri``; the process's fluent API is left as it is."""
     from mlflow import MlflowClient
 
     # One request may otherwise retry for minutes; callers wait out outages themselves.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    bind_fluent(uri)
     return MlflowClient(uri)
 
 
@@ -337,7 +356,8 @@ class RunTracker:
 
     def __init__(self, spec: ClassifyJob, context: dict, run_id: str | None = None) -> None:
         self.spec, self.context = spec, context
-        self.client = client_for(context["tracking_uri"])  # log_model is fluent
+        self.client = client_for(context["tracking_uri"])
+        bind_fluent(context["tracking_uri"])  # log_model and system metrics are fluent
         experiment_id = _experiment_id(self.client, context, spec.tracking.experiment)
         run_id = run_id or self._unfinished_run(experiment_id)
         if run_id:
@@ -703,6 +723,14 @@ def _registration_error(spec, model, error: Exception) -> RegistrationError:
 
 
 def register(
+    client, spec, model, metrics: dict[str, float], facts: dict[str, Any], run_id: str
+) -> str:
+    """Register ``model`` (see _register) with the fluent URI on the client's store meanwhile."""
+    with fluent_store(client.tracking_uri):
+        return _register(client, spec, model, metrics, facts, run_id)
+
+
+def _register(
     client, spec, model, metrics: dict[str, float], facts: dict[str, Any], run_id: str
 ) -> str:
     """A new version of tracking.registered_model from a logged model; the alias moves to it
