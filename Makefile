@@ -7,7 +7,7 @@ STAMP := $(VENV)/.wrn-cluster-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test lint format setup clean
+.PHONY: quickstart test test-fast lint format setup clean
 
 setup: $(STAMP)
 
@@ -22,12 +22,19 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/wrn-cluster submit jobs/quickstart.yaml
 
+# Everything: the layers contract, then the unit, integration and e2e tiers.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier only: no Ray, no servers; its tests share nothing, so two processes run it.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -24,7 +24,7 @@ from PIL import Image
 from wrn_cluster.bench.input_pipeline import write_photo_jpegs
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import IMAGENET_MEAN_STD
-from wrn_cluster.train.step import normalization, to_input
+from wrn_cluster.train.classify import normalization, to_input
 
 
 def cpu_ms(run: Callable[[], object], repeat: int = 9, per: int = 1) -> float:

@@ -1,5 +1,5 @@
-"""Small helpers the service fixtures share: free ports, bounded waits, and stopping the Ray
-processes a test started (and only those)."""
+"""Small helpers the tests share: free ports, bounded waits, stopping the Ray processes a test
+started (and only those), and the digits classification job many tests submit."""
 
 import json
 import os
@@ -10,6 +10,11 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import psutil
+import pytest
+import yaml
+
+from tests.datasets import write_digits_imagefolder
+from wrn_cluster.spec import parse
 
 
 def free_port() -> int:
@@ -87,3 +92,43 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
         return proc.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def digits_job(data_url, storage, name="digits", **sections) -> dict:
+    job = {
+        "kind": "classify",
+        "name": name,
+        "seed": 7,
+        "model": {"arch": "wrn-10-2"},
+        "data": {
+            "dataset": "imagefolder",
+            "url": str(data_url),
+            "image_size": 16,
+            "eval_resize": 16,
+            "batch_size": 64,
+            "loader_workers": 0,
+            "augment": False,
+        },
+        "optimizer": {"lr": 0.05, "weight_decay": 5e-4},
+        "schedule": {"epochs": 8, "type": "cosine", "warmup_epochs": 1},
+        "scaling": {"workers": 2},
+        "checkpoint": {"storage": str(storage), "every_epochs": 1, "keep": 2},
+        "tracking": {"enabled": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            job[section] = {**job.get(section, {}), **values}
+        else:
+            job[section] = values
+    return job
+
+
+def as_spec(job: dict):
+    return parse(yaml.safe_dump(job), "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_imagefolder(root, size=16)
+    return root

@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from wrn_cluster import cluster, launcher, preflight, tracking
+from wrn_cluster.bench import input_pipeline, ray_overhead, tracking_overhead, train_step
+from wrn_cluster.bench.common import markdown_table
+from wrn_cluster.data.synthetic import SHAPES, write_coco, write_imagefolder
+from wrn_cluster.models import PAPER_VARIANTS, UnknownModelError, describe, parse_name
+from wrn_cluster.spec import SpecError, json_schema, load
 
 app = typer.Typer(
     help="Train Wide Residual Networks on Ray, tracked in MLflow.",
@@ -32,8 +40,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    from rich.markup import escape
-
     # Messages quote paths and servers' errors: brackets in them are text, not markup.
     for line in message.splitlines() or [""]:
         err.print(f"[red]error:[/red] {escape(line)}", markup=True)
@@ -41,8 +47,6 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def load_spec(path: Path, overrides: list[str] | None = None):
-    from wrn_cluster.spec import SpecError, load
-
     try:
         return load(path, overrides or [])
     except SpecError as error:
@@ -59,7 +63,6 @@ def validate(
     ] = None,
 ) -> None:
     """Check job specs; print FILE:LINE: field: message for every problem."""
-    from wrn_cluster.spec import SpecError, load
 
     bad = 0
     for path in files:
@@ -78,7 +81,6 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the job spec's JSON Schema (for yaml-language-server and editors)."""
-    from wrn_cluster.spec import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
@@ -86,7 +88,6 @@ def schema() -> None:
 @models_app.command("list")
 def models_list() -> None:
     """List the paper's variants; other wrn-D-K names build too."""
-    from wrn_cluster.models import PAPER_VARIANTS, parse_name
 
     table = Table("name", "family", "depth", "width", "default input")
     for name in PAPER_VARIANTS:
@@ -107,7 +108,6 @@ def models_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Family, parameters and GMACs per image of one network."""
-    from wrn_cluster.models import UnknownModelError, describe
 
     try:
         info = describe(name, num_classes, image_size)
@@ -137,11 +137,10 @@ def submit(
     ] = False,
 ) -> None:
     """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
-    from wrn_cluster import launcher
 
     overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
     spec = load_spec(file, overrides)
-    address = launcher.cluster_address(address)
+    address = cluster.cluster_address(address)
     if dry_run:
         _dry_run(spec, address)
         return
@@ -156,8 +155,6 @@ def submit(
 
 
 def _dry_run(spec, address: str | None) -> None:
-    from wrn_cluster import preflight
-
     try:
         report = preflight.dry_run(spec, address)
     except preflight.PreflightError as error:
@@ -178,9 +175,7 @@ AddressOption = Annotated[
 
 
 def _address(address: str | None) -> str:
-    from wrn_cluster import launcher
-
-    found = launcher.cluster_address(address)
+    found = cluster.cluster_address(address)
     if not found:
         raise fail("no cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
     return found
@@ -189,7 +184,6 @@ def _address(address: str | None) -> str:
 @app.command()
 def status(job_id: str, address: AddressOption = None) -> None:
     """A job's status."""
-    from wrn_cluster import launcher
 
     try:
         info = launcher.job_info(_address(address), job_id)
@@ -207,7 +201,6 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
 ) -> None:
     """A job's driver output."""
-    from wrn_cluster import launcher
 
     try:
         if follow:
@@ -220,7 +213,6 @@ def logs(
 @app.command()
 def stop(job_id: str, address: AddressOption = None) -> None:
     """Stop a running job; its checkpoints stay, and resubmitting resumes from them."""
-    from wrn_cluster import launcher
 
     try:
         stopped = launcher.stop_job(_address(address), job_id)
@@ -232,7 +224,6 @@ def stop(job_id: str, address: AddressOption = None) -> None:
 @app.command("list")
 def list_(address: AddressOption = None) -> None:
     """Jobs on the cluster."""
-    from wrn_cluster import launcher
 
     try:
         jobs = launcher.list_jobs(_address(address))
@@ -256,7 +247,6 @@ def data_synth_imagefolder(
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
 ) -> None:
     """Write learnable synthetic JPEGs as DEST/train/<class>/*.jpg and DEST/val/<class>/*.jpg."""
-    from wrn_cluster.data.synthetic import write_imagefolder
 
     try:
         counts = write_imagefolder(dest, classes, per_class, size, val_fraction, seed)
@@ -280,7 +270,6 @@ def data_synth_coco(
 ) -> None:
     """Write shapes with known boxes as a COCO dataset: DEST/train2017/*.jpg, DEST/val2017/*.jpg
     and DEST/annotations/instances_{train,val}2017.json (a detect spec's default layout)."""
-    from wrn_cluster.data.synthetic import SHAPES, write_coco
 
     try:
         counts = write_coco(dest, images, size, val_fraction, seed)
@@ -298,7 +287,6 @@ def pull(
     dst: Annotated[Path, typer.Option(help="Empty or new folder to download into.")],
 ) -> None:
     """Download a registered model from MLflow (MLFLOW_TRACKING_URI, else the embedded store)."""
-    from wrn_cluster import tracking
 
     try:
         info = tracking.pull(model_uri, dst)
@@ -327,7 +315,6 @@ def predict(
 ) -> None:
     """Top classes (a classifier) or boxes (a detector) for each image, with the model's own
     preprocessing."""
-    from wrn_cluster import tracking
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -397,8 +384,6 @@ def bench_train_step(
     json_path: JsonOption = None,
 ) -> None:
     """Images/s of forward+backward+SGD: torchvision's reference step vs the project's."""
-    from wrn_cluster.bench import train_step
-    from wrn_cluster.models import UnknownModelError
 
     overrides = {"dtype": dtype, "channels_last": channels_last, "compile": compile_}
     try:
@@ -433,7 +418,6 @@ def bench_input(
     json_path: JsonOption = None,
 ) -> None:
     """Images/s per core: torchvision ImageFolder + PIL classic transforms vs the project's."""
-    from wrn_cluster.bench import input_pipeline
 
     comparison = input_pipeline.run(images, size, batch, rounds, folder, say=_progress)
     _report(comparison, json_path)
@@ -449,7 +433,6 @@ def bench_tracking_overhead(
     json_path: JsonOption = None,
 ) -> None:
     """An epoch of train steps with and without MLflow tracking (every step logged)."""
-    from wrn_cluster.bench import tracking_overhead
 
     comparison = tracking_overhead.run(model, size, batch, steps, rounds, say=_progress)
     _report(comparison, json_path)
@@ -467,7 +450,6 @@ def bench_ray_overhead(
     json_path: JsonOption = None,
 ) -> None:
     """One epoch as a Ray Train job vs plain torch.distributed (gloo), same data and loop."""
-    from wrn_cluster.bench import ray_overhead
 
     comparison = ray_overhead.run(
         model, images, size, batch, workers, loader_workers, rounds, say=_progress
@@ -480,7 +462,6 @@ def bench_table(
     files: Annotated[list[Path], typer.Argument(help="JSON files written with --json.")],
 ) -> None:
     """One Markdown table of bench results."""
-    from wrn_cluster.bench.common import markdown_table
 
     out.print(markdown_table([json.loads(p.read_text()) for p in files]), markup=False)
 

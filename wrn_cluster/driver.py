@@ -1,109 +1,64 @@
-"""Builds the Ray Train trainer for a spec and runs it; also the Jobs API entrypoint.
+"""One sequence for every way a job starts: prepare, preflight, connect to Ray, take the job's
+lease, then fit (classify, detect) or search (tune), and register what was trained.
 
-`python -m wrn_cluster.driver SPEC.yaml` is what the launcher submits to a cluster.
+`wrn-cluster submit` on the embedded Ray calls ``execute`` in its own process; on a cluster the
+Jobs API runs `python -m wrn_cluster.driver SPEC.yaml`, whose ``main`` calls the same
+``execute``. Ray is imported inside the functions (the CLI imports this module).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
 
-import ray
-import ray.train
-from ray.train import (
-    CheckpointConfig,
-    FailureConfig,
-    LoggingConfig,
-    RunConfig,
-    ScalingConfig,
-    UserCallback,
-)
-from ray.train.torch import TorchConfig, TorchTrainer
-
-from wrn_cluster import data, lease, preflight, tracking
+from wrn_cluster import data, lease, preflight, tracking, trainer, tune
+from wrn_cluster.cluster import DASHBOARD_ENV, JOB_ID_ENV
 from wrn_cluster.data import storage
-from wrn_cluster.launcher import DASHBOARD_ENV, JOB_ID_ENV
 from wrn_cluster.spec import ClassifyJob, DetectJob, SpecError, TuneJob, load
+from wrn_cluster.train.checkpoint import weights_path
+
+Spec = ClassifyJob | DetectJob | TuneJob
 
 
 class JobError(Exception):
     """A job that cannot run or did not finish; the message says why and what to do."""
 
 
-class ProgressPrinter(UserCallback):
-    """One readable line per epoch; runs in the Train controller, whose output Ray forwards."""
+def attach_to_cluster() -> str | None:
+    """Connect to the Ray cluster this process runs in (a Jobs API driver); its dashboard URL,
+    as the launcher named it."""
+    import ray
 
-    def __init__(self, job_name: str, epochs: int) -> None:
-        self.job_name, self.epochs = job_name, epochs
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        m = metrics[0]
-        saved = f"  checkpoint -> {checkpoint.path}" if checkpoint else ""
-        if "AP" in m:  # a detection job: COCO's numbers
-            scores = (
-                f"train loss {m['train_loss']:.4f}  AP {m['AP']:.3f} AP50 {m['AP50']:.3f} "
-                f"AP75 {m['AP75']:.3f} APs {m['APs']:.3f} APm {m['APm']:.3f} APl {m['APl']:.3f}"
-            )
-        else:
-            scores = (
-                f"train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}  val loss "
-                f"{m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
-            )
-        print(
-            f"[{self.job_name}] epoch {m['epoch']}/{self.epochs}  {scores}  "
-            f"lr {m['lr']:.4g}  {m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s"
-            f"{saved}",
-            flush=True,
-        )
+    ray.init()
+    return os.environ.get(DASHBOARD_ENV)
 
 
-def check_resources(spec: ClassifyJob) -> None:
-    """Fail in seconds, not hang, when the cluster cannot hold the job's workers."""
-    problem = preflight.resource_problem(spec, ray.cluster_resources())
-    if problem:
-        raise JobError(problem)
+def execute(
+    spec: Spec,
+    job_id: str | None = None,
+    connect: Callable[[], str | None] = attach_to_cluster,
+):
+    """Run a job from its spec to its registered model: what fit() or the search returned.
+
+    ``connect`` starts or joins Ray once the checks pass and returns the dashboard's URL (or
+    None). Raises JobError, or PreflightError for what the checks found."""
+    prepare(spec)
+    preflight.check(spec)
+    return run(spec, job_id, connect())
 
 
-def build_trainer(
-    spec: ClassifyJob | DetectJob,
-    callbacks: list | None = None,
-    tracking_context: dict | None = None,
-) -> TorchTrainer:
-    if spec.kind == "detect":
-        from wrn_cluster.train.detect import train_detector as train_func
-    else:
-        from wrn_cluster.train.loop import train_classifier as train_func
-
-    scaling = spec.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
-    return TorchTrainer(
-        train_func,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "tracking": tracking_context},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=scaling.workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=scaling.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=spec.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=callbacks,
-            # Our progress line says per epoch what Ray Train's INFO lines say per report.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
+def run(spec: Spec, job_id: str | None = None, dashboard_url: str | None = None):
+    """The part of ``execute`` after Ray is up: the job's lease, then fit or the search. A run
+    of the same job already going is not joined."""
+    try:
+        with lease.cluster_lease(spec, lease.holder(job_id)):
+            return _run(spec, job_id, dashboard_url)
+    except lease.JobRunningError as error:
+        raise JobError(str(error)) from None
 
 
-def prepare(spec: ClassifyJob | DetectJob | TuneJob) -> None:
+def prepare(spec: Spec) -> None:
     """Everything that can fail before Ray starts: the data (written if synthetic), and a
     detector's backbone weights."""
     try:
@@ -112,8 +67,6 @@ def prepare(spec: ClassifyJob | DetectJob | TuneJob) -> None:
         raise JobError(str(error)) from None
     weights = getattr(spec.model, "backbone_weights", None)
     if weights:
-        from wrn_cluster.train.checkpoint import weights_path
-
         try:
             weights_path(weights)
         except (*storage.access_errors(), FileNotFoundError) as error:
@@ -123,47 +76,45 @@ def prepare(spec: ClassifyJob | DetectJob | TuneJob) -> None:
             ) from None
 
 
-def run(
-    spec: ClassifyJob | DetectJob | TuneJob,
-    job_id: str | None = None,
-    dashboard_url: str | None = None,
-):
-    """Run a prepared job on the Ray cluster this process is connected to: a Train result,
-    or for a search, Tune's result grid. A run of the same job already going is not joined."""
-    try:
-        with lease.cluster_lease(spec, lease.holder(job_id)):
-            return _run(spec, job_id, dashboard_url)
-    except lease.JobRunningError as error:
-        raise JobError(str(error)) from None
+def check_resources(spec: Spec) -> None:
+    """Fail in seconds, not hang, when the cluster cannot hold the job's workers."""
+    import ray
+
+    problem = preflight.resource_problem(spec, ray.cluster_resources())
+    if problem:
+        raise JobError(problem)
 
 
-def _run(spec: ClassifyJob | DetectJob | TuneJob, job_id: str | None, dashboard_url: str | None):
+def _run(spec: Spec, job_id: str | None, dashboard_url: str | None):
+    import ray.train
+
     check_resources(spec)  # for a search: what one trial needs
     context = tracking.run_context(job_id, dashboard_url) if spec.tracking.enabled else None
     if context:
-        print(f"[{spec.name}] MLflow: {context['tracking_uri']}", flush=True)
+        print(f"[{spec.name}] MLflow: {context.tracking_uri}", flush=True)
     if spec.kind == "tune":
-        from wrn_cluster import tune
-
         try:
             return tune.run(spec, context)
         except (tune.SearchError, tracking.RegistrationError) as error:
             raise JobError(str(error)) from None
-    printer = ProgressPrinter(spec.name, spec.schedule.epochs)
-    trainer = build_trainer(spec, [printer], context)
+    fit = trainer.build(spec, [trainer.progress_printer(spec)], context)
     try:
-        result = trainer.fit()
+        result = fit.fit()
     except ray.train.TrainingFailedError as error:
         if context:
             tracking.end_unfinished_run(spec, context, "FAILED")
         raise JobError(f"job {spec.name!r} failed: {_failure(spec, error)}") from None
     if result.checkpoint is not None:
         print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
-    if context:
+    if context and result.checkpoint is not None:
         try:
-            tracking.register_job(spec, context, result.metrics)
+            run_id = trainer.log_final_model(spec, context, result.checkpoint)
+            tracking.register_job(spec, context, result.metrics, run_id)
         except tracking.RegistrationError as error:
-            raise JobError(str(error)) from None
+            if spec.tracking.registered_model:
+                raise JobError(str(error)) from None
+            # Nothing to register: the run and the checkpoints hold what the job trained.
+            print(f"warning: {error}", file=sys.stderr, flush=True)
     return result
 
 
@@ -198,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     try:
-        prepare(spec)
-        preflight.check(spec)
-        ray.init()
-        run(spec, os.environ.get(JOB_ID_ENV), os.environ.get(DASHBOARD_ENV))
+        execute(spec, os.environ.get(JOB_ID_ENV))
     except (JobError, preflight.PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wrn_cluster import data, tracking
+from wrn_cluster import cluster, data, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.spec import ClassifyJob, DetectJob, JobBase, TuneJob
 from wrn_cluster.train import precision
+from wrn_cluster.train.optim import effective_lr
 
 Spec = ClassifyJob | DetectJob | TuneJob
 # Each remote check gives up after this long: a preflight that hangs would defeat its purpose.
@@ -231,18 +232,17 @@ def resource_problem(spec: JobBase, have: Mapping[str, float], where: str = "") 
 
 
 def _check_resources(spec: Spec, address: str | None, report: Report) -> None:
-    from wrn_cluster import launcher
 
     if address:
         try:
-            have = launcher.cluster_resources(address, TIMEOUT_S)
-        except launcher.LaunchError as error:
+            have = cluster.cluster_resources(address, TIMEOUT_S)
+        except cluster.LaunchError as error:
             report.problems.append(str(error))
             return
-        where = f"the cluster at {launcher.dashboard_url(address)} has"
+        where = f"the cluster at {cluster.dashboard_url(address)} has"
         shown = ", ".join(f"{have.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
     else:
-        cpus = launcher.local_cpus()
+        cpus = cluster.local_cpus()
         have = {"CPU": cpus}
         if spec.scaling.use_gpu:  # Ray counts the GPUs when it starts; no import of it here
             have["GPU"] = math.inf
@@ -260,8 +260,6 @@ def _check_resources(spec: Spec, address: str | None, report: Report) -> None:
 
 
 def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tuple[str, str]]:
-    from wrn_cluster import launcher
-    from wrn_cluster.train.optim import effective_lr
 
     scaling, opt, sched = spec.scaling, spec.optimizer, spec.schedule
     per_worker = spec.data.batch_size // (scaling.workers * opt.grad_accum_steps)
@@ -290,7 +288,7 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
         ("job", f"{spec.name} ({spec.kind}, {spec.model.arch})"),
         (
             "runs on",
-            f"the cluster at {launcher.dashboard_url(address)}" if address else "an embedded Ray",
+            f"the cluster at {cluster.dashboard_url(address)}" if address else "an embedded Ray",
         ),
         ("workers", f"{scaling.workers} x {resources} ({scaling.placement_strategy})"),
         (

@@ -7,14 +7,19 @@ classify job built from the tune spec's base plus one point of the search space.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
-from wrn_cluster.spec import ARCH_PARTS, ClassifyJob, TuneJob
+from wrn_cluster import data, tracking, trainer
+from wrn_cluster.data import storage
+from wrn_cluster.models import describe
+from wrn_cluster.spec import ARCH_PARTS, TuneJob, arch_candidates, arch_parts, trial_spec
+from wrn_cluster.tracking import RunContext
 
 if TYPE_CHECKING:
+    import pyarrow.fs
     from ray.tune import ResultGrid
 
 
@@ -22,56 +27,8 @@ class SearchError(Exception):
     """A search that cannot start; the message names the setting to change."""
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]  # KeyError: not a section of the spec
-        if not isinstance(node, dict):
-            raise TypeError(f"{part} is not a section")
-    node[leaf] = value
-
-
-def arch_name(depth: int, width: float) -> str:
-    return f"wrn-{int(depth)}-{float(width):g}"
-
-
-def arch_candidates(spec: TuneJob) -> list[str]:
-    """The networks the space can build: model.arch's values, or depth x width."""
-    space = spec.tune.space
-    if "model.arch" in space and space["model.arch"].kind in ("grid", "choice"):
-        return list(space["model.arch"].values)
-    if not any(key in space for key in ARCH_PARTS):
-        return [spec.model.arch]
-    base = _parse_arch(spec.model.arch)
-    depths = space["model.depth"].values if "model.depth" in space else [base[0]]
-    widths = space["model.width"].values if "model.width" in space else [base[1]]
-    return [arch_name(d, w) for d, w in itertools.product(depths, widths)]
-
-
-def _parse_arch(arch: str) -> tuple[int, float]:
-    from wrn_cluster.models import parse_name
-
-    info = parse_name(arch)
-    return info.depth, info.width
-
-
-def trial_spec(spec: TuneJob, config: dict[str, Any], name: str) -> ClassifyJob:
-    """The classify job of one trial: the base with the trial's values set."""
-    tree = spec.model_dump(mode="json")
-    tree.pop("tune")
-    tree.update(kind="classify", name=name)
-    # The sweep registers its best trial; trials only log their models to their runs.
-    tree["tracking"]["registered_model"] = None
-    for key, value in config.items():
-        if key not in ARCH_PARTS:
-            _set(tree, key, value)
-    return ClassifyJob.model_validate(tree)
-
-
 def within_budget(spec: TuneJob, num_classes: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """(kept networks with their params and GMACs, skipped networks with the reason)."""
-    from wrn_cluster.models import describe
 
     budget = spec.tune.budget
     kept, skipped = [], []
@@ -118,31 +75,26 @@ def param_space(spec: TuneJob, arches: list[str]) -> dict[str, Any]:
     return space
 
 
-def _trial(config: dict[str, Any], spec_json: dict, tracking_context: dict | None) -> None:
+def _trial(config: dict[str, Any], spec_json: dict, tracking_context: RunContext | None) -> None:
     """One trial, run by Tune: a TorchTrainer whose per-epoch reports flow back to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from wrn_cluster.driver import build_trainer
 
     spec = TuneJob.model_validate(spec_json)
     name = f"{spec.name}-{tune.get_context().get_trial_id()}"
     job = trial_spec(spec, config, name)
     context = None
     if tracking_context:
-        context = {
-            **tracking_context,
-            "extra_params": {k: str(v) for k, v in config.items()},
-        }
-    build_trainer(job, [TuneReportCallback()], context).fit()
+        context = dataclasses.replace(
+            tracking_context, extra_params={k: str(v) for k, v in config.items()}
+        )
+    trainer.build(job, [TuneReportCallback()], context).fit()
 
 
-def run(spec: TuneJob, tracking_context: dict | None, say=print) -> ResultGrid:
+def run(spec: TuneJob, tracking_context: RunContext | None, say=print) -> ResultGrid:
     """Run the search, print the results table, log the sweep, register the best network."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from wrn_cluster import data, tracking
 
     num_classes = spec.model.num_classes or data.num_classes(spec)
     kept, skipped = within_budget(spec, num_classes)
@@ -158,7 +110,7 @@ def run(spec: TuneJob, tracking_context: dict | None, say=print) -> ResultGrid:
     parent = None
     if tracking_context:
         parent = tracking.open_sweep(spec, tracking_context)
-        tracking_context = {**tracking_context, "parent_run_id": parent}
+        tracking_context = dataclasses.replace(tracking_context, parent_run_id=parent)
 
     settings = spec.tune
     scheduler = (
@@ -171,7 +123,6 @@ def run(spec: TuneJob, tracking_context: dict | None, say=print) -> ResultGrid:
         if settings.scheduler == "asha"
         else FIFOScheduler()
     )
-    from wrn_cluster.data import storage
 
     storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
     tuner = tune.Tuner(
@@ -208,8 +159,35 @@ def run(spec: TuneJob, tracking_context: dict | None, say=print) -> ResultGrid:
     rows = results_table(spec, results, facts)
     say(format_table(rows))
     if parent:
+        try:
+            log_best_model(spec, tracking_context, results, rows, storage_fs)
+        except tracking.RegistrationError:
+            tracking.end_run(tracking_context, parent, "FINISHED")  # the trials ran
+            raise
         tracking.finish_sweep(spec, tracking_context, parent, rows, to_csv(rows), plot(rows))
     return results
+
+
+def log_best_model(
+    spec: TuneJob,
+    context: RunContext,
+    results: ResultGrid,
+    rows: list[dict],
+    storage_fs: pyarrow.fs.FileSystem | None,
+) -> str | None:
+    """Log the best completed trial's network to its run, from the trial's last checkpoint (a
+    trial stopped early has no final one); returns that run's id, None if no trial completed."""
+    from ray.train import Checkpoint
+
+    by_trial = {(result.metrics or {}).get("trial_id"): result for result in results}
+    for row in rows:  # best first
+        result = by_trial.get(row["trial_id"])
+        path = (result.metrics or {}).get("checkpoint_path") if result else None
+        if row["status"] != "completed" or row[f"best_{spec.tune.metric}"] is None or not path:
+            continue
+        job = trial_spec(spec, result.config, f"{spec.name}-{row['trial_id']}")
+        return trainer.log_final_model(job, context, Checkpoint(path, storage_fs))
+    return None
 
 
 def results_table(spec: TuneJob, results: ResultGrid, facts: dict[str, dict]) -> list[dict]:
@@ -224,7 +202,7 @@ def results_table(spec: TuneJob, results: ResultGrid, facts: dict[str, dict]) ->
             column = history[spec.tune.metric]
             best = float(column.max() if spec.tune.mode == "max" else column.min())
             epochs = int(history["epoch"].max())
-        depth, width = _parse_arch(arch)
+        depth, width = arch_parts(arch)
         rows.append(
             {
                 "arch": arch,

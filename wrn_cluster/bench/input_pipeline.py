@@ -26,7 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from wrn_cluster.bench.common import Comparison, Say, Variant, interleave, quiet
+from wrn_cluster.data import imagefolder
 from wrn_cluster.spec import IMAGENET_MEAN_STD
+from wrn_cluster.train.classify import normalization, to_input
 
 JPEG_QUALITY = 90
 # (width, height) of the written files, ImageNet's most common shapes, chosen at random.
@@ -102,8 +104,6 @@ def run(
     ``folder`` may name an existing imagefolder (train/<class>/*.jpg and val/); left out, the
     bench writes ``images`` photo JPEGs to a temporary folder.
     """
-    from wrn_cluster.data import imagefolder
-    from wrn_cluster.train.step import normalization, to_input
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: the decoders are single-threaded, keep torch so too

@@ -2,11 +2,11 @@
 against the same epoch under plain torch.distributed (processes started by
 torch.multiprocessing, DDP over gloo), on the same data, network and spec, on the CPU.
 
-Both sides run the same step (``wrn_cluster.train.step``), loaders and evaluation
-(``wrn_cluster.train.epoch``) and time the training phase the same way, from the epoch's start to
-its all-reduced totals: the ratio is of those images per second. Each job's wall time (worker
-start-up, the epoch, evaluation, the checkpoint) is reported beside it. The Ray cluster itself
-is started once, before the rounds, as a real cluster would already be up.
+Both sides run the same task pieces (``wrn_cluster.train.classify``: network, loaders, step,
+evaluation, and ``metrics.Sums``) and time the training phase the same way, from the epoch's
+start to its all-reduced totals: the ratio is of those images per second. Each job's wall time
+(worker start-up, the epoch, evaluation, the checkpoint) is reported beside it. The Ray cluster
+itself is started once, before the rounds, as a real cluster would already be up.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from typing import Any
 
 import torch
 
+from wrn_cluster import trainer
 from wrn_cluster.bench.common import Comparison, Say, Variant, quiet
+from wrn_cluster.data.synthetic import write_imagefolder
 from wrn_cluster.spec import ClassifyJob
+from wrn_cluster.train import checkpoint, classify, metrics, optim
 
 BASELINE = "plain torch.distributed: torch.multiprocessing processes, DDP over gloo"
-PROJECT = "the project's Ray Train job (TorchTrainer, train_classifier, checkpoint report)"
+PROJECT = "the project's Ray Train job (TorchTrainer, train.loop.train_func, checkpoint report)"
 
 
 def bench_spec(
@@ -70,12 +73,6 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from wrn_cluster import data
-    from wrn_cluster.models import build_model
-    from wrn_cluster.train import checkpoint, optim
-    from wrn_cluster.train import step as train_step
-    from wrn_cluster.train.epoch import evaluate, loaders
-
     job_start = time.perf_counter()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -86,12 +83,13 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
         # As the Ray loop does: threads as CPUs reserved, a seed per rank.
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
         torch.manual_seed(spec.seed * 1009 + rank)
-        train_set, val_set, class_names = data.build_datasets(spec)
-        model = build_model(spec.model.arch, len(class_names))
-        model = model.to(memory_format=train_step.memory_format(spec, device))
-        model = DistributedDataParallel(model) if world > 1 else model
-        step_fn = train_step.build(spec, model, device)
-        sampler, train_loader, val_loader = loaders(spec, train_set, val_set, rank, world, device)
+        parts = classify.parts(spec, rank, device)
+        train_set = parts.train_set
+        model = DistributedDataParallel(parts.model) if world > 1 else parts.model
+        step_fn = classify.step(spec, model, device)
+        sampler, train_loader, val_loader = classify.loaders(
+            spec, train_set, parts.val_set, rank, world, device
+        )
         steps = -(-len(train_loader) // spec.optimizer.grad_accum_steps)
         scheduler = optim.build_scheduler(step_fn.optimizer, spec, steps)
 
@@ -99,18 +97,17 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
         sampler.set_epoch(0)
         train_set.set_epoch(0)
         model.train()
-        totals = torch.zeros(4, device=device, dtype=torch.float64)
+        sums = metrics.Sums(classify.SUMS)
         accum = spec.optimizer.grad_accum_steps
         for i, (images, labels) in enumerate(train_loader):
             last_micro = (i + 1) % accum == 0 or i + 1 == len(train_loader)
             _, batch_totals = step_fn(images, labels, last_micro)
             if last_micro:
                 scheduler.step()
-            totals += batch_totals
-        if world > 1:
-            dist.all_reduce(totals)
+            sums.add(batch_totals)
+        totals = sums.read(world)
         train_time = time.perf_counter() - epoch_start
-        val = evaluate(model, val_loader, step_fn.to_input, step_fn.dtype, device, world)
+        val = classify.evaluate(model, val_loader, step_fn, parts, rank, world)
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint.save(
@@ -123,7 +120,7 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
                     },
                 )
             result = {
-                "images_per_sec": (totals[2].item() + totals[3].item()) / train_time,
+                "images_per_sec": (totals["counted"] + totals["skipped"]) / train_time,
                 "val_top1": val["val_top1"],
                 "wall_s": time.perf_counter() - job_start,
             }
@@ -149,10 +146,8 @@ def _run_plain(spec: ClassifyJob, scratch: Path, round_: int) -> dict[str, Any]:
 
 
 def _run_ray(spec: ClassifyJob) -> dict[str, Any]:
-    from wrn_cluster import driver
-
     start = time.perf_counter()
-    result = driver.build_trainer(spec).fit()
+    result = trainer.build(spec).fit()
     wall = time.perf_counter() - start
     return {
         "images_per_sec": result.metrics["images_per_sec"],
@@ -173,8 +168,6 @@ def run(
 ) -> Comparison:
     """Alternate Ray Train and plain torch.distributed one-epoch jobs over ``rounds`` rounds."""
     import ray
-
-    from wrn_cluster.data.synthetic import write_imagefolder
 
     started_ray = not ray.is_initialized()
     if started_ray:

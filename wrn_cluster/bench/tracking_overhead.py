@@ -8,6 +8,9 @@ import tempfile
 import time
 
 from wrn_cluster.bench.common import Comparison, Say, Variant, interleave, quiet
+from wrn_cluster.models import build_model
+from wrn_cluster.spec import parse
+from wrn_cluster.tracking import RunContext, RunTracker
 
 SPEC = """\
 kind: classify
@@ -29,10 +32,6 @@ def run(
     import torch
     import torch.nn.functional as F
 
-    from wrn_cluster.models import build_model
-    from wrn_cluster.spec import parse
-    from wrn_cluster.tracking import RunTracker
-
     torch.manual_seed(0)
     model = build_model(model_name, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -53,7 +52,7 @@ def run(
         return steps * batch
 
     with tempfile.TemporaryDirectory() as home:
-        context = {"tracking_uri": f"sqlite:///{home}/mlflow.db", "artifact_root": home}
+        context = RunContext(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=home)
         tracker = RunTracker(parse(SPEC % (size, batch)), context)
         rates = interleave(
             {"no tracking": lambda: epoch(None), "tracked": lambda: epoch(tracker)}, rounds, say

@@ -4,7 +4,7 @@ Baseline: the step of torchvision's reference classification script
 (references/classification/train.py): a normalized float32 NCHW batch from the loader, eager,
 ``torch.optim.SGD`` with its default implementation, fp32 (or, with ``baseline="fp16"``, its
 ``--amp`` mode: fp16 autocast and a GradScaler), and the loss and top-1 read back to the host every
-step for its metric logger. Project: ``wrn_cluster.train.step`` built from a job spec with the
+step for its metric logger. Project: ``wrn_cluster.train.classify`` built from a job spec with the
 defaults for the device, exactly as the training loop builds it, fed the uint8 batch our loader
 gives. Both get the same network, initial weights and batch, in the same process, interleaved.
 """
@@ -21,7 +21,7 @@ import torch
 from wrn_cluster.bench.common import Comparison, Say, Variant, interleave, machine, quiet
 from wrn_cluster.models import build_model, measure_gmacs, parse_name
 from wrn_cluster.spec import ClassifyJob
-from wrn_cluster.train import step as train_step
+from wrn_cluster.train import classify
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched in the device name.
 PEAK_BF16_TFLOPS = (
@@ -105,12 +105,12 @@ def _reference_step(
 
 def _project_step(
     spec: ClassifyJob, device: torch.device, seed: int
-) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], train_step.TrainStep]:
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], classify.TrainStep]:
     torch.manual_seed(seed)
     model = build_model(spec.model.arch, spec.model.num_classes or 10)
-    model = model.to(memory_format=train_step.memory_format(spec, device)).to(device).train()
-    step = train_step.build(spec, model, device)
-    totals = torch.zeros(len(train_step.STATS), device=device, dtype=torch.float64)
+    model = model.to(memory_format=classify.memory_format(spec, device)).to(device).train()
+    step = classify.step(spec, model, device)
+    totals = torch.zeros(len(classify.SUMS), device=device, dtype=torch.float64)
 
     def run(images: torch.Tensor, labels: torch.Tensor) -> None:
         _, stats = step(images, labels)
@@ -119,7 +119,7 @@ def _project_step(
     return run, step
 
 
-def _describe(step: train_step.TrainStep) -> str:
+def _describe(step: classify.TrainStep) -> str:
     optimizer = type(step.optimizer).__name__
     defaults = step.optimizer.defaults
     kind = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "loop"
@@ -127,7 +127,7 @@ def _describe(step: train_step.TrainStep) -> str:
     layout = "channels_last" if step.layout == torch.channels_last else "NCHW"
     precision = "fp32" if step.dtype == "fp32" else f"{step.dtype} autocast"
     return (
-        f"wrn_cluster.train.step: {precision}, {layout}, {compiled}, "
+        f"wrn_cluster.train.classify step: {precision}, {layout}, {compiled}, "
         f"{optimizer} ({kind}), uint8 in, normalized on the device, no host syncs"
     )
 

@@ -5,24 +5,25 @@ COCO-format detection data (``coco``).
 and checks the dataset by listing it, so a wrong URL fails in seconds, not inside every worker.
 ``build_datasets(spec)`` runs in each training worker and returns uint8 images; the training loop
 normalizes them on the device with ``spec.data.mean_std()``.
-
-Importing this package is cheap (no torch); the loaders are imported when first used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
+
+from wrn_cluster.data import cifar, coco, imagefolder, synthetic
+from wrn_cluster.data.base import DataError, Prepared
+from wrn_cluster.data.storage import access_errors
+from wrn_cluster.spec.datasets import DATASET_FACTS
+
+__all__ = ["DataError", "Prepared", "build_datasets", "build_detection_datasets", "prepare"]
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from wrn_cluster.spec import ClassifyJob, DetectJob
-
-
-class DataError(Exception):
-    """A dataset problem the user can fix; the message names the URL and the fix."""
 
 
 def eval_resize(spec: ClassifyJob) -> int:
@@ -33,7 +34,6 @@ def eval_resize(spec: ClassifyJob) -> int:
 @contextmanager
 def _reading(url: str) -> Iterator[None]:
     """Turn "cannot reach the store" into a DataError naming the URL and what to check."""
-    from wrn_cluster.data.storage import access_errors
 
     try:
         yield
@@ -45,14 +45,6 @@ def _reading(url: str) -> Iterator[None]:
         ) from None
 
 
-class Prepared(NamedTuple):
-    """What prepare() found: training images (None where counting them is not cheap), and
-    whether synthetic data was written (in a dry run: would be)."""
-
-    train_images: int | None
-    synthetic: bool
-
-
 def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
     """Write synthetic data if asked and absent, then check the dataset; raise DataError if bad.
 
@@ -62,12 +54,8 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
     data = spec.data
     with _reading(data.url):
         if data.dataset == "coco":
-            from wrn_cluster.data import coco
-
             return coco.prepare(spec, write)
         if data.dataset == "imagefolder":
-            from wrn_cluster.data import imagefolder, synthetic
-
             synth = data.synthesize
             if synth is not None and imagefolder.is_missing_or_empty(data.url):
                 if not write:
@@ -83,28 +71,22 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
                 )
                 return Prepared(len(imagefolder.scan(data.url)[1]), synthetic=True)
             return Prepared(len(imagefolder.scan(data.url)[1]), synthetic=False)
-        from wrn_cluster.data import cifar
 
         cifar.check(data.dataset, data.url)
-        return Prepared(cifar.TRAIN_IMAGES.get(data.dataset), synthetic=False)
+        return Prepared(DATASET_FACTS[data.dataset].train_images, synthetic=False)
 
 
 def build_detection_datasets(spec: DetectJob) -> tuple[Dataset, Dataset, Any, dict]:
     """(train, val, categories, the val annotation file): see ``coco.build``."""
     with _reading(spec.data.url):
-        from wrn_cluster.data import coco
-
         return coco.build(spec)
 
 
 def num_classes(spec: ClassifyJob) -> int:
     """Classes the dataset holds: fixed for CIFAR/SVHN, the class folders for imagefolder."""
-    from wrn_cluster.spec import DATASET_FACTS
-
-    fixed = DATASET_FACTS[spec.data.dataset].get("num_classes")
+    fixed = DATASET_FACTS[spec.data.dataset].num_classes
     if fixed:
         return fixed
-    from wrn_cluster.data import imagefolder
 
     return len(imagefolder.scan(spec.data.url)[0])
 
@@ -118,11 +100,8 @@ def build_datasets(spec: ClassifyJob) -> tuple[Dataset, Dataset, list[str]]:
     data = spec.data
     with _reading(data.url):
         if data.dataset == "imagefolder":
-            from wrn_cluster.data import imagefolder
-
             return imagefolder.build(
                 data.url, spec.image_size, eval_resize(spec), spec.augment, spec.seed
             )
-        from wrn_cluster.data import cifar
 
         return cifar.build(data.dataset, data.url, spec.augment, spec.seed)

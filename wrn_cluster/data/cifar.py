@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wrn_cluster.data import DataError
+from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
 from wrn_cluster.data.transforms import Augment, PadCropFlip, SharedEpoch, item_generator
 
@@ -35,8 +35,6 @@ WHERE_TO_GET = {
     "svhn": "download the cropped-digit files from http://ufldl.stanford.edu/housenumbers/",
 }
 SVHN_EXTRA = "extra_32x32.mat"
-# Training images of each release (SVHN without its extra set), for plans made before loading.
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257}
 
 
 def locate(dataset: str, url: str) -> tuple[fsspec.AbstractFileSystem, str]:

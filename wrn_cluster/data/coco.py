@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from wrn_cluster.data import DataError, Prepared
+from wrn_cluster.data.base import DataError, Prepared
 from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
+from wrn_cluster.data.synthetic import write_coco
 from wrn_cluster.data.transforms import SharedEpoch, decode, item_generator
 
 if TYPE_CHECKING:
@@ -328,8 +329,6 @@ def prepare(spec: DetectJob, write: bool = True) -> Prepared:
     if data.synthesize is not None and _is_missing(data.url, data.train_annotations):
         if not write:
             return Prepared(None, synthetic=True)
-        from wrn_cluster.data.synthetic import write_coco
-
         synth = data.synthesize
         layout = (data.train_annotations, data.val_annotations, data.train_images, data.val_images)
         write_coco(data.url, synth.images, synth.size, synth.val_fraction, spec.seed, layout)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wrn_cluster.data import DataError
+from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
 from wrn_cluster.data.transforms import (
     RandomResizedCropFlip,

@@ -62,9 +62,15 @@ def filesystem(url: str, timeout_s: float | None = None) -> tuple[fsspec.Abstrac
         fs = s3fs.S3FileSystem(**s3_options(timeout_s))
         if timeout_s is not None:
             fs.retries = 1  # s3fs's own retry loop, on top of botocore's
-        return fs, fs._strip_protocol(url).rstrip("/")
+        return fs, s3_path(fs, url)
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/") or "/"
+
+
+def s3_path(fs: Any, url: str) -> str:
+    """``bucket/key`` of an s3:// or s3a:// URL, as s3fs itself strips it (its private
+    ``_strip_protocol``, pinned by tests/unit/test_data.py), without a trailing '/'."""
+    return fs._strip_protocol(url).rstrip("/")
 
 
 class PerProcessFilesystem:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.spec.datasets import COCO_LAYOUT
 
 JPEG_QUALITY = 90
 
@@ -111,12 +112,6 @@ def write_imagefolder(
 
 # Ids with gaps, as COCO's have, so the label <-> category mapping is exercised.
 SHAPES = ((1, "rectangle"), (3, "ellipse"), (7, "triangle"))
-COCO_LAYOUT = (
-    "annotations/instances_train2017.json",
-    "annotations/instances_val2017.json",
-    "train2017",
-    "val2017",
-)
 
 
 def _shape_image(

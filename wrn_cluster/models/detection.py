@@ -19,7 +19,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from wrn_cluster.models.registry import UnknownModelError, build_model, parse_name
+from wrn_cluster.models.registry import build_model
+from wrn_cluster.spec.names import UnknownModelError, parse_name
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # torchvision's order for trainable_layers: the top stage first, the stem last.

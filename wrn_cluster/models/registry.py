@@ -1,118 +1,48 @@
 """One registry for every network of the paper, named as the paper names them.
 
-``wrn-D-K`` resolves by depth: 18 and 34 are the basic-block ImageNet networks of Table 7,
-50 and 101 the bottleneck ImageNet networks of Table 8, and any other 6n+4 depth the CIFAR/SVHN
-family. Parsing needs no torch, so specs validate without it.
+The names themselves (``wrn-D-K``, which depths mean which family) are ``wrn_cluster.spec.names``,
+so specs validate without torch; this module builds the networks they describe.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from torch import nn
-
-Family = Literal["cifar", "imagenet-basic", "imagenet-bottleneck"]
-
-_NAME = re.compile(r"^wrn-(\d+)-(\d+(?:\.\d+)?)$")
-IMAGENET_BASIC_DEPTHS = (18, 34)
-IMAGENET_BOTTLENECK_DEPTHS = (50, 101)
-CIFAR_DEPTHS_SHOWN = "10, 16, 22, 28, 40, 52 (any 6n+4 except 34)"
-
-# The variants the paper reports, listed by `wrn-cluster models list`; other widths build too.
-PAPER_VARIANTS = (
-    "wrn-40-1",
-    "wrn-40-2",
-    "wrn-40-4",
-    "wrn-40-8",
-    "wrn-28-10",
-    "wrn-28-12",
-    "wrn-22-8",
-    "wrn-22-10",
-    "wrn-16-4",
-    "wrn-16-8",
-    "wrn-16-10",
-    "wrn-18-1",
-    "wrn-18-1.5",
-    "wrn-18-2",
-    "wrn-18-3",
-    "wrn-34-1",
-    "wrn-34-1.5",
-    "wrn-34-2",
-    "wrn-50-2",
-    "wrn-101-2",
+from wrn_cluster.models.imagenet import basic_wrn, bottleneck_wrn
+from wrn_cluster.models.wrn import WideResNet
+from wrn_cluster.spec.names import (
+    PAPER_VARIANTS,
+    Family,
+    ModelInfo,
+    UnknownModelError,
+    parse_name,
 )
 
-
-class UnknownModelError(ValueError):
-    """A model name the registry cannot build; the message says what it accepts."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    family: Family
-    depth: int
-    width: float
-
-    @property
-    def default_image_size(self) -> int:
-        return 32 if self.family == "cifar" else 224
-
-    @property
-    def total_stride(self) -> int:
-        """How much the network shrinks its input; smaller images cannot pass through."""
-        return 4 if self.family == "cifar" else 32
-
-
-def parse_name(name: str) -> ModelInfo:
-    match = _NAME.match(name)
-    if not match:
-        raise UnknownModelError(
-            f"unknown model {name!r}: names are wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-50-2 "
-            "(see `wrn-cluster models list`)"
-        )
-    depth, width = int(match.group(1)), float(match.group(2))
-    if width <= 0:
-        raise UnknownModelError(f"model {name!r}: width must be positive")
-    if depth in IMAGENET_BASIC_DEPTHS:
-        family: Family = "imagenet-basic"
-    elif depth in IMAGENET_BOTTLENECK_DEPTHS:
-        family = "imagenet-bottleneck"
-    elif depth >= 10 and (depth - 4) % 6 == 0:
-        family = "cifar"
-    else:
-        raise UnknownModelError(
-            f"model {name!r}: depth {depth} is not valid; CIFAR/SVHN depths are 6n+4: "
-            f"{CIFAR_DEPTHS_SHOWN}; ImageNet depths are 18, 34 (basic) and 50, 101 (bottleneck)"
-        )
-    return ModelInfo(name=name, family=family, depth=depth, width=width)
+__all__ = [
+    "PAPER_VARIANTS",
+    "Family",
+    "ModelInfo",
+    "UnknownModelError",
+    "build_model",
+    "count_params",
+    "describe",
+    "measure_gmacs",
+    "parse_name",
+]
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """Build a network by its paper name; ``dropout`` applies to the CIFAR/SVHN family."""
     info = parse_name(name)
     if info.family == "cifar":
-        from wrn_cluster.models.wrn import WideResNet
-
         return WideResNet(info.depth, info.width, num_classes, dropout=dropout)
-    from wrn_cluster.models import imagenet
-
     if dropout:
         raise ValueError(f"{name}: dropout is only defined for the CIFAR/SVHN family")
     if info.family == "imagenet-basic":
-        return imagenet.basic_wrn(info.depth, info.width, num_classes)
-    return imagenet.bottleneck_wrn(info.depth, info.width, num_classes)
-
-
-def build_detector(arch: str, num_classes: int, **options: Any) -> nn.Module:
-    """Faster R-CNN with an FPN over the ImageNet WRN ``arch``; ``num_classes`` counts the
-    background. ``options`` are ``models.detection.build``'s (freezing, sizes, heads)."""
-    from wrn_cluster.models import detection
-
-    return detection.build(arch, num_classes, **options)
+        return basic_wrn(info.depth, info.width, num_classes)
+    return bottleneck_wrn(info.depth, info.width, num_classes)
 
 
 def count_params(model: nn.Module) -> int:
@@ -121,9 +51,6 @@ def count_params(model: nn.Module) -> int:
 
 def measure_gmacs(model: nn.Module, image_size: int) -> float:
     """Multiply-accumulates per image, in billions, counted by torch.utils.flop_counter."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)

@@ -1,6 +1,10 @@
 """What a checkpoint holds, so that a resumed run continues exactly where it stopped, and how
 a checkpoint proves it is complete.
 
+``training_state`` and ``restore`` own the state's keys: the network, optimizer, schedule and
+scaler, the epoch and step, every rank's random streams, the data order, the resumes so far,
+the MLflow run, the epoch's metrics, and what the task adds (class names, COCO categories).
+
 ``save`` writes the state, then a manifest of every file's size and SHA-256, last: a checkpoint
 without a manifest, or whose files differ from it, was cut short or damaged, and ``load`` refuses
 it. ``load_latest`` resumes from Ray's latest checkpoint or, if that one is broken, from the
@@ -23,11 +27,16 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from wrn_cluster.data.storage import filesystem, join
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -84,6 +93,122 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
+
+
+@dataclass
+class Training:
+    """What an optimizer step changes, as the loop holds it; the network may be DDP-wrapped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def network(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+
+@dataclass
+class Resumed:
+    """Where a job stands when its workers start: 0 and no run for a fresh one."""
+
+    epoch: int = 0
+    resumes: list[int] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+
+def restore(
+    found: ray.train.Checkpoint | None,
+    training: Training,
+    arch: str,
+    num_classes: int,
+    rank: int,
+) -> Resumed:
+    """Load the job's latest complete checkpoint (if any) into ``training`` and this rank's
+    random streams; every rank loads the same weights, so DDP's copies agree."""
+    if found is None:
+        return Resumed()
+    state = load_latest(found, arch, num_classes)
+    training.network().load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    training.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank])
+    return Resumed(state["epoch"], [*state["resumes"], state["epoch"]], state.get("mlflow_run_id"))
+
+
+def is_due(epoch: int, epochs: int, every_epochs: int) -> bool:
+    """Whether the 0-based ``epoch`` ends with a checkpoint: every N epochs, and the last."""
+    return epoch + 1 == epochs or (epoch + 1) % every_epochs == 0
+
+
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's random streams (a collective: all ranks call it), so each resumes its own."""
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def training_state(
+    training: Training,
+    *,
+    arch: str,
+    num_classes: int,
+    epoch: int,
+    seed: int,
+    rng: list[dict[str, Any]],
+    resumed: Resumed,
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything a resume needs after the 0-based ``epoch``, plus the task's ``extra``."""
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "model": training.network().state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "scaler": training.scaler.state_dict(),
+        "epoch": epoch + 1,
+        "step": training.scheduler.last_epoch,
+        "rng": rng,
+        "data_order": {"seed": seed, "next_epoch": epoch + 1},
+        "resumes": resumed.resumes,
+        "mlflow_run_id": resumed.mlflow_run_id,
+        "metrics": metrics,
+        **extra,
+    }
+
+
+def read(found: ray.train.Checkpoint) -> dict[str, Any]:
+    """A finished job's checkpoint state, verified; e.g. to log its network after fit()."""
+    with found.as_directory() as directory:
+        verify(directory)
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def upload_to_run(attempts: int, backoff_s: float):
+    """A ``checkpoint_upload_fn`` for ``ray.train.report``: stores the checkpoint in the Train
+    run's folder through ``upload``, with its retries, instead of Ray's single attempt."""
+    import ray.train
+
+    def upload_fn(local: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        storage = ray.train.get_context().get_storage()
+        storage_validated(storage)
+        destination = storage.build_checkpoint_path_from_name(name)
+        upload(local.path, storage.storage_filesystem, destination, attempts, backoff_s)
+        return ray.train.Checkpoint(destination, storage.storage_filesystem)
+
+    return upload_fn
+
+
+def storage_validated(storage: Any) -> None:
+    """Ray Train's check before its own checkpoint upload (its StorageContext's private
+    ``_check_validation_file``, pinned by a test): a local storage path that exists only on
+    the head node, without the marker Ray wrote there, is an error, not a silently local copy."""
+    storage._check_validation_file()
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -281,8 +406,6 @@ def _storage_cause(error: OSError) -> str:
 def weights_path(url: str) -> tuple[Any, str]:
     """(filesystem, state file) for a checkpoint URL: a state.pt, a checkpoint folder, or a
     job's run folder, meaning its newest checkpoint (Ray names them checkpoint_<time>)."""
-    from wrn_cluster.data.storage import filesystem, join
-
     fs, path = filesystem(url)
     if path.endswith(".pt") or fs.isfile(join(path, STATE_FILE)):
         return fs, path if path.endswith(".pt") else join(path, STATE_FILE)

@@ -1,10 +1,10 @@
-"""The detection loop each Ray Train worker runs: Faster R-CNN on a WRN backbone under DDP,
-scored each epoch with COCOeval on the whole val set.
+"""Detection's own pieces of the training loop: Faster R-CNN on a WRN backbone, scored each
+epoch with COCOeval on the whole val set.
 
-Resume, checkpoints, the epoch pass and the reports are the classification loop's
-(``train.worker``); what is detection's own is the step (the detector computes its losses),
-the loaders (images of their own sizes, aspect-ratio grouped) and the evaluation: every rank
-detects on its slice of val, rank 0 gathers the detections and scores them with pycocotools.
+The loop (``train.loop``) is the one classification runs too; what is detection's own is the
+step (the detector computes its losses), the loaders (images of their own sizes, aspect-ratio
+grouped) and the evaluation: every rank detects on its slice of val, rank 0 gathers the
+detections and scores them with pycocotools.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,11 +24,11 @@ from wrn_cluster.data import coco
 from wrn_cluster.models import build_detector
 from wrn_cluster.models import detection as detection_models
 from wrn_cluster.spec import DetectJob
-from wrn_cluster.train import checkpoint, optim, precision
-from wrn_cluster.train.worker import WorkerRun, unwrap
+from wrn_cluster.train import checkpoint, metrics, optim, precision
+from wrn_cluster.train.classify import Parts
 
-# torchvision's Faster R-CNN losses, in the order the step's stats hold them after the total.
-LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+LOSSES = metrics.DETECTION_LOSSES
+SUMS = metrics.DETECT_SUMS
 
 
 def to_inputs(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -77,47 +76,95 @@ class DetectStep:
         return loss.detach(), stats.double()
 
 
+def parts(spec: DetectJob, rank: int, device: torch.device) -> Parts:
+    train_set, val_set, categories, val_truth = data.build_detection_datasets(spec)
+    weights = None
+    if spec.model.backbone_weights:
+        weights = checkpoint.read_weights(spec.model.backbone_weights, spec.model.arch)
+    options = detection_models.options(spec)
+    model = build_detector(num_classes=categories.num_classes, backbone_weights=weights, **options)
+    dtype = precision.resolve(spec.precision.dtype, device)
+    layout = precision.memory_format(spec.precision.channels_last, dtype, device)
+    return Parts(
+        train_set,
+        val_set,
+        model.to(device, memory_format=layout),
+        categories.num_classes,
+        {"categories": categories.as_list(), "detector": options},
+        params={f"data.train.{k}": v for k, v in train_set.split.counts.items()},
+        val_truth=(categories, val_truth if rank == 0 else None),  # only rank 0 scores
+    )
+
+
+def step(spec: DetectJob, model: nn.Module, device: torch.device) -> DetectStep:
+    dtype = precision.resolve(spec.precision.dtype, device)
+    return DetectStep(
+        model=model,
+        optimizer=optim.build_optimizer(model, spec, spec.data.batch_size),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == "fp16"),
+        dtype=dtype,
+        device=device,
+        accum_steps=spec.optimizer.grad_accum_steps,
+    )
+
+
 def loaders(
-    spec: DetectJob, train_set: coco.CocoDetection, val_set: coco.CocoDetection, run: WorkerRun
+    spec: DetectJob,
+    train_set: coco.CocoDetection,
+    val_set: coco.CocoDetection,
+    rank: int,
+    world: int,
+    device: torch.device,
 ) -> tuple[DistributedSampler, DataLoader, DataLoader]:
     """(sampler, train loader, val loader) for this rank; batches are lists of images."""
     workers = spec.data.loader_workers
     options = {
         "num_workers": workers,
-        "pin_memory": run.device.type == "cuda",
+        "pin_memory": device.type == "cuda",
         "persistent_workers": workers > 0,
         "collate_fn": coco.collate,
     }
     batch = spec.per_worker_batch
-    sampler = DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=spec.seed)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
     if spec.data.group_aspect_ratio:
         batches = coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)
     else:
         batches = BatchSampler(sampler, batch, drop_last=False)
     train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank detects on a disjoint slice; rank 0 scores the union.
-    val_slice = Subset(val_set, range(run.rank, len(val_set), run.world))
+    val_slice = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_slice, batch_size=batch, **options)
     return sampler, train_loader, val_loader
 
 
-@torch.no_grad()
 def evaluate(
+    model: nn.Module, loader: DataLoader, step: DetectStep, parts: Parts, rank: int, world: int
+) -> dict[str, float]:
+    """COCO's AP metrics of the detections on every rank's slice (scored on rank 0, then sent
+    to every rank so their reports agree), and the val images that could not be read."""
+    categories, ground_truth = parts.val_truth
+    return score(model, loader, categories, ground_truth, step.dtype, step.device, rank, world)
+
+
+@torch.no_grad()
+def score(
     model: nn.Module,
     loader: DataLoader,
     categories: coco.Categories,
     ground_truth: dict[str, Any] | None,
     dtype: str,
-    run: WorkerRun,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, float]:
-    """COCO's AP metrics of the detections on every rank's slice (scored on rank 0, then sent
-    to every rank so their reports agree), and the val images that could not be read."""
-    net = unwrap(model).eval()
+    """The AP metrics of ``model``'s detections on ``loader`` against ``ground_truth`` (rank 0's;
+    None on the others), gathered over ``world`` ranks."""
+    net = getattr(model, "module", model).eval()
     category_ids = categories.category_ids()
     rows, skipped = [], 0
     for images, targets in loader:
-        with precision.autocast(dtype, run.device):
-            outputs = net(to_inputs(images, run.device))
+        with precision.autocast(dtype, device):
+            outputs = net(to_inputs(images, device))
         for output, target in zip(outputs, targets, strict=True):
             skipped += bool(target["skipped"])
             boxes = output["boxes"].float().cpu().numpy()
@@ -136,66 +183,14 @@ def evaluate(
             )
     found = (np.concatenate(rows) if rows else np.zeros((0, 7)), skipped)
     gathered = [found]
-    if run.world > 1:
-        gathered = [None] * run.world if run.rank == 0 else None
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
         dist.gather_object(found, gathered, dst=0)
     result: list[dict[str, float] | None] = [None]
-    if run.rank == 0:
+    if rank == 0:
         detections = np.concatenate([rows for rows, _ in gathered])
         metrics = coco.score(ground_truth, detections)
         result = [{**metrics, "skipped_images": sum(n for _, n in gathered)}]
-    if run.world > 1:
+    if world > 1:
         dist.broadcast_object_list(result, src=0)
     return result[0]
-
-
-def train_detector(config: dict[str, Any]) -> None:
-    spec = DetectJob.model_validate(config["spec"])
-    run = WorkerRun(spec, config.get("tracking"))
-
-    train_set, val_set, categories, val_truth = data.build_detection_datasets(spec)
-    if run.rank != 0:
-        val_truth = None  # only rank 0 scores
-    weights = None
-    if spec.model.backbone_weights:
-        weights = checkpoint.read_weights(spec.model.backbone_weights, spec.model.arch)
-    options = detection_models.options(spec)
-    model = build_detector(num_classes=categories.num_classes, backbone_weights=weights, **options)
-    dtype = precision.resolve(spec.precision.dtype, run.device)
-    layout = precision.memory_format(spec.precision.channels_last, dtype, run.device)
-    model = ray.train.torch.prepare_model(model.to(memory_format=layout))
-    step_fn = DetectStep(
-        model=model,
-        optimizer=optim.build_optimizer(model, spec, spec.data.batch_size),
-        scaler=torch.amp.GradScaler(run.device.type, enabled=dtype == "fp16"),
-        dtype=dtype,
-        device=run.device,
-        accum_steps=spec.optimizer.grad_accum_steps,
-    )
-    sampler, train_loader, val_loader = loaders(spec, train_set, val_set, run)
-    steps_per_epoch = -(-len(train_loader) // spec.optimizer.grad_accum_steps)
-    scheduler = optim.build_scheduler(step_fn.optimizer, spec, steps_per_epoch)
-    run.resume(model, step_fn.optimizer, scheduler, step_fn.scaler, categories.num_classes)
-    if run.tracker and run.start_epoch == 0:
-        run.tracker.log_params({f"data.train.{k}": v for k, v in train_set.split.counts.items()})
-
-    for epoch in run.epochs():
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        totals = run.train_epoch(model, train_loader, step_fn, scheduler)
-        train_time = run.timing()["epoch_time_s"]
-        val = evaluate(model, val_loader, categories, val_truth, dtype, run)
-        images = max(totals[-2].item(), 1.0)
-        metrics = {
-            "train_loss": totals[0].item() / images,
-            **{f"train_{name}": totals[i + 1].item() / images for i, name in enumerate(LOSSES)},
-            **val,
-            "lr": run.lr(),
-            "images_per_sec": totals[-2].item() / train_time,
-            "skipped_images": int(totals[-1].item() + val.pop("skipped_images")),
-            **run.timing(),
-        }
-        if run.tracker and run.is_last(epoch):  # before the last report, like classification
-            run.tracker.ship_detector(unwrap(model), categories.as_list(), options)
-        run.report(epoch, metrics, {"categories": categories.as_list(), "detector": options})
-    run.close()

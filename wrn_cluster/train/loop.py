@@ -1,59 +1,117 @@
-"""The classification loop each Ray Train worker runs: DDP, exact metrics, exact resume."""
+"""The loop each Ray Train worker runs, for classification and detection alike: resume, then per
+epoch the steps, the evaluation, and one report (with a checkpoint when one is due).
+
+What differs by task (datasets, network, loaders, step, evaluation) comes from
+``train.classify`` or ``train.detect``; the loop does not know whether a search runs it.
+"""
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import time
 from typing import Any
 
-import ray.train.torch
+import torch
 
-from wrn_cluster import data
-from wrn_cluster.models import build_model
-from wrn_cluster.spec import ClassifyJob
-from wrn_cluster.train import optim
-from wrn_cluster.train import step as train_step
-from wrn_cluster.train.epoch import evaluate, loaders
-from wrn_cluster.train.worker import WorkerRun, unwrap
+from wrn_cluster import tracking
+from wrn_cluster.spec import ClassifyJob, DetectJob
+from wrn_cluster.train import checkpoint, classify, detect, metrics, optim
+
+# Each task module gives the loop the same pieces: SUMS, parts, step, loaders, evaluate.
+TASKS = {"classify": (ClassifyJob, classify), "detect": (DetectJob, detect)}
 
 
-def train_classifier(config: dict[str, Any]) -> None:
-    spec = ClassifyJob.model_validate(config["spec"])
-    run = WorkerRun(spec, config.get("tracking"))
-    device = run.device
+def train_func(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
 
-    train_set, val_set, class_names = data.build_datasets(spec)
-    num_classes = spec.model.num_classes or len(class_names)
-    model = build_model(spec.model.arch, num_classes, dropout=spec.model.dropout)
-    model = ray.train.torch.prepare_model(
-        model.to(memory_format=train_step.memory_format(spec, device))
-    )
-    # The per-batch step (also what `wrn-cluster bench train-step` times), with its optimizer.
-    step_fn = train_step.build(spec, model, device)
+    job_start = time.perf_counter()
+    job_type, task = TASKS[config["spec"]["kind"]]
+    spec = job_type.model_validate(config["spec"])
+    quiet_ray_train_logs()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    torch.manual_seed(spec.seed * 1009 + rank)
 
-    sampler, train_loader, val_loader = loaders(
-        spec, train_set, val_set, run.rank, run.world, device
+    parts = task.parts(spec, rank, device)
+    model = ray.train.torch.prepare_model(parts.model)
+    step = task.step(spec, model, device)
+    sampler, train_loader, val_loader = task.loaders(
+        spec, parts.train_set, parts.val_set, rank, world, device
     )
     steps_per_epoch = -(-len(train_loader) // spec.optimizer.grad_accum_steps)
-    scheduler = optim.build_scheduler(step_fn.optimizer, spec, steps_per_epoch)
-    run.resume(model, step_fn.optimizer, scheduler, step_fn.scaler, num_classes)
+    scheduler = optim.build_scheduler(step.optimizer, spec, steps_per_epoch)
+    training = checkpoint.Training(model, step.optimizer, scheduler, step.scaler)
+    resumed = checkpoint.restore(
+        ray.train.get_checkpoint(), training, spec.model.arch, parts.num_classes, rank
+    )
+    tracker = None
+    if rank == 0 and config.get("tracking"):
+        tracker = tracking.RunTracker(spec, config["tracking"], run_id=resumed.mlflow_run_id)
+        resumed.mlflow_run_id = tracker.run_id
+        if resumed.epoch == 0 and parts.params:
+            tracker.log_params(parts.params)
+    upload = checkpoint.upload_to_run(
+        spec.checkpoint.upload_attempts, spec.checkpoint.upload_backoff_s
+    )
+    accum, log_every = spec.optimizer.grad_accum_steps, spec.tracking.log_every_steps
 
-    for epoch in run.epochs():
+    for epoch in range(resumed.epoch, spec.schedule.epochs):
+        epoch_start = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        # Summed step stats: loss, correct, counted, skipped (train_step.STATS).
-        totals = run.train_epoch(model, train_loader, step_fn, scheduler)
-        train_time = run.timing()["epoch_time_s"]
-        val = evaluate(model, val_loader, step_fn.to_input, step_fn.dtype, device, run.world)
-        seen = max(totals[2].item(), 1.0)
-        metrics = {
-            "train_loss": totals[0].item() / seen,
-            "train_top1": totals[1].item() / seen,
-            **val,
-            "lr": run.lr(),
-            "images_per_sec": (totals[2].item() + totals[3].item()) / train_time,
-            "skipped_images": int(totals[3].item() + val.pop("skipped_images")),
-            **run.timing(),
-        }
-        if run.tracker and run.is_last(epoch):  # before the last report: a search may stop there
-            run.tracker.ship_model(unwrap(model), class_names, spec.image_size)
-        run.report(epoch, metrics, {"class_names": class_names})
-    run.close()
+        parts.train_set.set_epoch(epoch)
+        model.train()
+        sums = metrics.Sums(task.SUMS)
+        for i, (inputs, targets) in enumerate(train_loader):
+            last_micro = (i + 1) % accum == 0 or i + 1 == len(train_loader)
+            loss, stats = step(inputs, targets, last_micro)
+            sums.add(stats)  # stays on the device; read once at the end of the epoch
+            if last_micro:
+                scheduler.step()
+                if tracker and scheduler.last_epoch % log_every == 0:
+                    lr = step.optimizer.param_groups[0]["lr"]
+                    step_metrics = {"step_train_loss": loss.item(), "step_lr": lr}
+                    tracker.log_metrics(step_metrics, scheduler.last_epoch)
+        train = metrics.train_metrics(
+            spec.kind, sums.read(world), time.perf_counter() - epoch_start
+        )
+        val = task.evaluate(model, val_loader, step, parts, rank, world)
+        now = time.perf_counter()
+        lr = step.optimizer.param_groups[0]["lr"]
+        report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)
+        if tracker:
+            tracker.log_metrics(report, step=epoch + 1)
+        if not checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
+            ray.train.report(report)
+            continue
+        rng = checkpoint.gather_rng_states(world)
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:
+                state = checkpoint.training_state(
+                    training,
+                    arch=spec.model.arch,
+                    num_classes=parts.num_classes,
+                    epoch=epoch,
+                    seed=spec.seed,
+                    rng=rng,
+                    resumed=resumed,
+                    metrics=report,
+                    extra=parts.extra_state,
+                )
+                checkpoint.save(directory, state)
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload)
+    if tracker:
+        tracker.close()
+
+
+def quiet_ray_train_logs() -> None:
+    """The driver prints one line per epoch; Ray Train's per-report INFO lines would repeat it.
+    Some of its loggers are named after their file's path, not the module."""
+    for name in [*logging.root.manager.loggerDict, "ray.train"]:
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)

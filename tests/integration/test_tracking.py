@@ -1,0 +1,215 @@
+"""MLflow tracking against a real `mlflow server` on PostgreSQL with artifacts and checkpoints
+in moto's S3: runs, registry promotion, pulls in a plain process, a server outage, no leaks."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import s3fs
+import torch
+import yaml
+
+from tests.conftest import S3_KEY_ID, S3_SECRET
+from tests.util import as_spec, digits_job
+from wrn_cluster import driver
+from wrn_cluster.models import build_model
+from wrn_cluster.models.serving import ServingClassifier
+from wrn_cluster.spec import CIFAR_MEAN_STD, IMAGENET_MEAN_STD
+
+pytestmark = pytest.mark.slow
+MODEL = "digits_wrn"
+
+
+def tracked_job(tracked, name, epochs, lr, **extra):
+    job = digits_job(
+        tracked["data"],
+        f"s3://checkpoints/{name}-runs",
+        name=name,
+        schedule={"epochs": epochs, "type": "cosine", "warmup_epochs": 0},
+        optimizer={"lr": lr},
+        tracking={"enabled": True, "experiment": "digits", "registered_model": MODEL},
+        **extra,
+    )
+    return as_spec(job)
+
+
+def bucket() -> s3fs.S3FileSystem:
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(
+        key=S3_KEY_ID, secret=S3_SECRET, endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"]
+    )
+
+
+def champion(client):
+    return client.get_model_version_by_alias(MODEL, "champion")
+
+
+def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked, capfd):
+    client = tracked["client"]
+    weak = tracked_job(tracked, "weak", epochs=1, lr=0.02)
+    driver.run(weak)
+    first = champion(client)
+    assert first.version == "1"
+
+    worse = tracked_job(tracked, "worse", epochs=1, lr=1e-6)
+    driver.run(worse)
+    assert champion(client).version == "1"  # refused: lower val_top1
+    refused = client.get_model_version(MODEL, "2")
+    assert refused.tags["promotion"].startswith("kept digits_wrn@champion: v2 val_top1=")
+
+    strong = tracked_job(tracked, "strong", epochs=4, lr=0.05)
+    driver.run(strong)
+    best = champion(client)
+    assert best.version == "3"
+    assert float(best.tags["val_top1"]) > float(first.tags["val_top1"])
+    assert best.tags["promotion"].startswith("promoted")
+    assert {"dataset", "params", "gmacs", "job_name", "val_top5"} <= set(best.tags)
+
+    run = client.get_run(best.run_id)
+    assert run.data.params["optimizer.lr"] == "0.05" and run.data.params["kind"] == "classify"
+    assert run.data.tags["wrn_cluster.job_name"] == "strong"
+    history = client.get_metric_history(best.run_id, "val_top1")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert client.get_metric_history(best.run_id, "step_train_loss")
+    artifacts = {a.path for a in client.list_artifacts(best.run_id)}
+    assert {"spec.yaml", "model_card.json"} <= artifacts
+
+    fs = bucket()
+    stored = fs.find("mlflow/artifacts")
+    assert any(best.run_id in key and key.endswith("spec.yaml") for key in stored)
+    assert any(key.endswith("model.pt2") for key in stored)
+    assert fs.glob("checkpoints/strong-runs/strong/checkpoint_*/state.pt")
+
+    # No credential value anywhere a user or the dashboard can see it.
+    leaks = [S3_SECRET, S3_KEY_ID]
+    for found in client.search_runs([run.info.experiment_id]):
+        text = json.dumps([found.data.params, found.data.tags])
+        assert not any(secret in text for secret in leaks)
+    for key in stored + fs.find("checkpoints"):
+        if fs.size(key) < 5_000_000:
+            blob = fs.cat_file(key)
+            assert not any(secret.encode() in blob for secret in leaks), key
+    output = capfd.readouterr()
+    assert not any(secret in output.out + output.err for secret in leaks)
+
+
+PLAIN_LOAD = """
+import sys
+class NoProject:  # prove the model loads without this project's code
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "wrn_cluster":
+            raise ImportError("wrn_cluster is not installed here")
+sys.meta_path.insert(0, NoProject())
+import mlflow, numpy as np, torch
+x = np.load(sys.argv[1])
+torch_model = mlflow.pytorch.load_model(sys.argv[2])
+pyfunc_model = mlflow.pyfunc.load_model(sys.argv[2])
+with torch.no_grad():
+    np.save(sys.argv[3], torch_model(torch.from_numpy(x)).numpy())
+np.save(sys.argv[4], np.asarray(pyfunc_model.predict(x)))
+"""
+
+
+def test_pulled_champion_predicts_like_the_trained_model_without_the_project(tracked, tmp_path):
+    client = tracked["client"]
+    best = champion(client)
+    # The trained model, rebuilt from the job's last checkpoint in the bucket.
+    fs = bucket()
+    newest = max(fs.glob(f"checkpoints/{best.tags['job_name']}-runs/*/checkpoint_*/state.pt"))
+    with fs.open(newest) as handle:
+        state = torch.load(handle, weights_only=True)
+    net = build_model(state["arch"], state["num_classes"])
+    net.load_state_dict(state["model"])
+    trained = ServingClassifier(net, *IMAGENET_MEAN_STD).eval()
+    assert IMAGENET_MEAN_STD != CIFAR_MEAN_STD  # imagefolder data uses ImageNet statistics
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = trained(x).numpy()
+    np.save(tmp_path / "x.npy", x.numpy())
+
+    script = tmp_path / "load.py"
+    script.write_text(PLAIN_LOAD)
+    env = {**os.environ, "PYTHONPATH": ""}
+    uri = f"models:/{MODEL}@champion"
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "x.npy"), uri,
+         str(tmp_path / "torch.npy"), str(tmp_path / "pyfunc.npy")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "torch.npy"), expected, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "pyfunc.npy"), expected, atol=1e-4)
+
+    cli = [sys.executable, "-m", "wrn_cluster.cli"]
+    pulled = subprocess.run(
+        [*cli, "pull", uri, "--dst", str(tmp_path / "model")], capture_output=True, text=True
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"{MODEL} version {best.version}" in pulled.stdout
+    assert (tmp_path / "model" / "MLmodel").is_file()
+    images = sorted((tracked["data"] / "val" / "3").glob("*.jpg"))[:2]
+    predicted = subprocess.run(
+        [*cli, "predict", uri, *map(str, images)], capture_output=True, text=True
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.splitlines()
+    assert lines[0] == f"{images[0]}:" and len(lines) == 12  # 2 images x (name + top 5)
+    assert lines[1].split()[-1] == "3"  # the strong model knows a 3
+
+
+def test_training_survives_a_tracking_server_outage(tracked):
+    client, server = tracked["client"], tracked["server"]
+    spec = tracked_job(tracked, "outage", epochs=6, lr=0.05)
+    spec.data.batch_size = 32  # longer epochs, so the outage falls mid-run
+
+    def outage():
+        runs = []
+        deadline = time.monotonic() + 240
+        while not runs and time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("digits")
+            runs = client.search_runs(
+                [experiment.experiment_id], "tags.`wrn_cluster.job_name` = 'outage'"
+            )
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_top1"):
+                break
+            runs = []
+            time.sleep(0.5)
+        server.kill()
+        time.sleep(6)
+        server.start()
+
+    breaker = threading.Thread(target=outage)
+    breaker.start()
+    result = driver.run(spec)
+    breaker.join(timeout=300)
+    assert result.metrics["epoch"] == 6
+    run = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        "tags.`wrn_cluster.job_name` = 'outage'",
+    )[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == list(
+        range(1, 7)
+    )
+    assert run.info.status == "FINISHED"
+    assert client.get_model_version_by_alias(MODEL, "champion")  # registry still answers
+
+
+def test_resubmitting_a_job_continues_its_mlflow_run(tracked):
+    client = tracked["client"]
+    first = tracked_job(tracked, "again", epochs=1, lr=0.05)
+    driver.run(first)
+    longer = yaml.safe_load(yaml.safe_dump(first.model_dump(mode="json")))
+    longer["schedule"]["epochs"] = 2
+    driver.run(as_spec(longer))
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    runs = client.search_runs([experiment], "tags.`wrn_cluster.job_name` = 'again'")
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1")] == [1, 2]
+    newest = max(bucket().glob("checkpoints/again-runs/again/checkpoint_*/state.pt"))
+    with bucket().open(newest) as handle:
+        assert torch.load(handle, weights_only=True)["mlflow_run_id"] == runs[0].info.run_id

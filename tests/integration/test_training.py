@@ -1,0 +1,208 @@
+"""Classification training on a real local Ray: learning, exact resume after a lost worker,
+bad input, storage that goes down. Bad input refused before Ray starts is in
+tests/unit/test_training.py; the Jobs API path is in tests/e2e/test_jobs_api.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.datasets import write_digits_imagefolder
+from tests.util import as_spec, digits_job
+from tests.util import digits as digits
+from wrn_cluster import driver
+from wrn_cluster.train import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def final_state(storage: Path, name: str) -> dict:
+    """The newest checkpoint's state (Ray names checkpoint folders by time)."""
+    newest = max((storage / name).glob(f"checkpoint_*/{checkpoint.STATE_FILE}"))
+    return torch.load(newest, weights_only=True)
+
+
+def test_wrn_learns_sklearn_digits_with_two_workers(digits, tmp_path, local_ray):
+    spec = as_spec(digits_job(digits, tmp_path))
+    driver.prepare(spec)
+    result = driver.run(spec)
+    assert result.metrics["epoch"] == 8
+    assert result.metrics["val_top1"] >= 0.95, result.metrics
+    # Every validation image counted exactly once across the two workers.
+    state = final_state(tmp_path, "digits")
+    assert state["epoch"] == 8 and state["resumes"] == []
+    assert len(list((tmp_path / "digits").glob("checkpoint_*/"))) == 2  # keep: 2
+
+
+def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
+    digits, tmp_path, local_ray
+):
+    # fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check.
+    deterministic = {"precision": {"dtype": "fp32"}, "schedule": {"epochs": 4}}
+    deterministic["data"] = {"batch_size": 32}  # more steps per epoch: the kill lands mid-run
+    reference = as_spec(digits_job(digits, tmp_path / "ref", name="ref", **deterministic))
+    driver.run(reference)
+
+    job = digits_job(
+        digits, tmp_path / "faulty", name="faulty", checkpoint={"max_failures": 2}, **deterministic
+    )
+    job["checkpoint"]["storage"] = str(tmp_path / "faulty")
+    spec_file = tmp_path / "faulty.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    )
+    try:
+        killed = _kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert killed, output
+    assert proc.returncode == 0, output
+
+    resumed, uninterrupted = (
+        final_state(tmp_path / "faulty", "faulty"),
+        final_state(tmp_path / "ref", "ref"),
+    )
+    assert len(resumed["resumes"]) == 1 and 1 <= resumed["resumes"][0] < 4, output
+    assert resumed["epoch"] == uninterrupted["epoch"] == 4
+    for key, tensor in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
+    """SIGKILL a Ray Train worker as soon as Ray Train has registered the first checkpoint."""
+    deadline = time.monotonic() + 300
+    workers = []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = [
+            p.pid
+            for p in psutil.Process(proc.pid).children(recursive=True)  # this job's Ray only
+            if any("RayTrainWorker" in part for part in _cmdline(p))
+        ]
+        time.sleep(0.2)
+    while workers and time.monotonic() < deadline and proc.poll() is None:
+        # Ray Train has registered a checkpoint once its manager's snapshot names one; a
+        # checkpoint folder alone may still be uploading, and a restart would not see it.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="replace"):
+            os.kill(workers[-1], signal.SIGKILL)
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone, or a zombie, meanwhile
+        return []
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, local_ray):
+    data_root = tmp_path / "data"
+    write_digits_imagefolder(data_root, size=16)
+    victim = sorted((data_root / "train").glob("*/*.jpg"))[0]
+    victim.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    spec = as_spec(
+        digits_job(
+            data_root, tmp_path / "runs", name="corrupt", schedule={"epochs": 1, "warmup_epochs": 0}
+        )
+    )
+    driver.prepare(spec)
+    result = driver.run(spec)
+    assert result.metrics["skipped_images"] == 1
+
+
+def test_impossible_resources_fail_within_seconds(digits, tmp_path, local_ray):
+    spec = as_spec(digits_job(digits, tmp_path, scaling={"workers": 16, "cpus_per_worker": 2}))
+    started = time.monotonic()
+    with pytest.raises(driver.JobError) as caught:
+        driver.run(spec)
+    assert time.monotonic() - started < 30  # refused up front, not after a wait for resources
+    assert str(caught.value) == (
+        "job 'digits' asks for 32 CPU (16 workers x 2 CPU), but the cluster has 4 CPU; lower "
+        "scaling.workers, scaling.cpus_per_worker or scaling.gpus_per_worker, or add nodes"
+    )
+
+
+def test_storage_down_for_good_stops_the_job_clearly_and_keeps_its_checkpoints(
+    digits, tmp_path, s3_server, s3_env
+):
+    import s3fs
+
+    from tests.faults import Outage
+
+    outage = Outage.in_front_of(s3_server)
+    bucket = s3fs.S3FileSystem(
+        key=s3_env["AWS_ACCESS_KEY_ID"],
+        secret=s3_env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_server,
+    )
+    job = digits_job(
+        digits,
+        "s3://checkpoints/outage",
+        name="outage",
+        schedule={"epochs": 3, "warmup_epochs": 0},
+        scaling={"workers": 1},
+        data={"batch_size": 32},  # epochs of seconds: the outage starts well before the next upload
+        checkpoint={"upload_attempts": 3, "upload_backoff_s": 0.5},
+    )
+    spec_file = tmp_path / "outage.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, **s3_env, "AWS_ENDPOINT_URL_S3": outage.url, "WRN_CLUSTER_LOCAL_CPUS": "4"}
+    submit = [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)]
+    proc = subprocess.Popen(
+        submit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    snapshot = "checkpoints/outage/outage/checkpoint_manager_snapshot.json"
+    try:
+        registered = lambda: bucket.exists(snapshot) and b"checkpoint_" in bucket.cat(snapshot)  # noqa: E731
+        deadline = time.monotonic() + 300
+        while not registered() and proc.poll() is None and time.monotonic() < deadline:
+            bucket.invalidate_cache()
+            time.sleep(0.1)
+        outage.go_down()  # and it stays down
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        outage.close()
+    assert proc.returncode == 1, output
+    (error,) = [line for line in output.splitlines() if line.startswith("error:")]
+    # Whichever write the outage stops for good, the worker's checkpoint upload or the Train
+    # controller's own state file after it, the job ends with one line naming the storage.
+    uploads = "CheckpointUploadError: could not write the checkpoint to checkpoints/outage/"
+    controller = "the checkpoint storage s3://checkpoints/outage stopped answering"
+    assert uploads in error or controller in error, error
+    if uploads in error:  # the worker's upload met the outage and retried first
+        assert "retrying in 0.5s" in output and "3 attempts" in error
+    assert "stored are untouched" in error and "submit the same job name to resume" in error
+
+    # Nothing stored before the outage was lost: Ray's latest checkpoint is whole (manifest,
+    # sizes, SHA-256) and loads; resuming from such a checkpoint is test_sigkilled_... above.
+    bucket.invalidate_cache()
+    latest = json.loads(bucket.cat(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
+    stored = tmp_path / "stored"
+    bucket.get(f"checkpoints/outage/outage/{latest}", str(stored), recursive=True)
+    assert checkpoint.load(stored, "wrn-10-2", 10)["epoch"] >= 1

@@ -1,0 +1,239 @@
+"""Checkpoint integrity: a manifest written last, partial and damaged checkpoints refused, resume
+falling back to the newest complete checkpoint, and no arbitrary pickle, locally. On moto's S3:
+tests/integration/test_checkpoint.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import pickle
+import warnings
+
+import pytest
+import torch
+from ray.train import Checkpoint
+
+from wrn_cluster.models import build_model
+from wrn_cluster.train import checkpoint
+from wrn_cluster.train.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+
+ARCH, CLASSES = "wrn-10-2", 4
+
+
+def training_state(epoch: int, **extra) -> dict:
+    return {
+        "arch": ARCH,
+        "num_classes": CLASSES,
+        "model": {"weight": torch.full((64, 64), float(epoch))},
+        "epoch": epoch,
+        "rng": [checkpoint.rng_state()],
+        **extra,
+    }
+
+
+def test_save_writes_the_state_then_a_manifest_of_sizes_and_checksums(tmp_path):
+    path = checkpoint.save(tmp_path, training_state(3))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert path == tmp_path / STATE_FILE
+    assert manifest["files"] == {
+        STATE_FILE: {
+            "size": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+    }
+    assert (tmp_path / MANIFEST_FILE).stat().st_mtime_ns >= path.stat().st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_FILE, STATE_FILE]
+    state = checkpoint.load(tmp_path, ARCH, CLASSES)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["weight"], torch.full((64, 64), 3.0))
+
+
+def _damage(directory: pathlib.Path, how: str) -> str:
+    """Damage a saved checkpoint; return what the error must say."""
+    state = directory / STATE_FILE
+    if how == "no manifest":  # cut short before its last file
+        (directory / MANIFEST_FILE).unlink()
+        return f"no {MANIFEST_FILE}"
+    if how == "truncated state":
+        state.write_bytes(state.read_bytes()[:1000])
+        return "cut short"
+    if how == "one byte flipped":
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+        return "SHA-256"
+    if how == "state missing":
+        state.unlink()
+        return f"{STATE_FILE} is missing"
+    if how == "manifest garbage":
+        (directory / MANIFEST_FILE).write_text('{"files": [1, 2')
+        return "damaged"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["no manifest", "truncated state", "one byte flipped", "state missing", "manifest garbage"],
+)
+def test_a_partial_or_damaged_checkpoint_is_refused_with_the_reason(tmp_path, how):
+    checkpoint.save(tmp_path, training_state(1))
+    expected = _damage(tmp_path, how)
+    with pytest.raises(CorruptCheckpointError) as caught:
+        checkpoint.load(tmp_path, ARCH, CLASSES)
+    assert str(tmp_path) in str(caught.value) and expected in str(caught.value)
+
+
+class Custom:
+    """A class of this test module: loading it would need arbitrary pickle."""
+
+
+def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused_and_runs_no_code(tmp_path):
+    tripwire = tmp_path / "code-ran"
+
+    class Tripwire:
+        def __reduce__(self):  # unpickling this would create the file
+            return (pathlib.Path.touch, (tripwire,))
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    checkpoint.save(folder, training_state(1, extra=Custom()))
+    with pytest.raises(UnsafeCheckpointError) as caught:
+        checkpoint.load(folder, ARCH, CLASSES)
+    message = str(caught.value)
+    assert "tests.unit.test_checkpoint.Custom" in message and "weights_only=True" in message
+    assert "start fresh" in message
+
+    checkpoint.save(folder, training_state(1, extra=Tripwire()))
+    with pytest.raises(UnsafeCheckpointError):
+        checkpoint.load(folder, ARCH, CLASSES)
+    assert not tripwire.exists()
+    pickle.loads(pickle.dumps(Tripwire()))  # the tripwire works: plain pickle runs it
+    assert tripwire.exists()
+
+
+def test_a_checkpoint_of_another_network_is_refused(tmp_path):
+    checkpoint.save(tmp_path, training_state(1))
+    with pytest.raises(CheckpointMismatchError, match="holds wrn-10-2 with 4 classes"):
+        checkpoint.load(tmp_path, "wrn-16-2", CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: the newest complete checkpoint no newer than Ray's latest
+
+
+NAMES = [f"checkpoint_2026-01-01_00-00-0{i}.000000" for i in range(1, 5)]
+
+
+def local_run(tmp_path) -> list[Checkpoint]:
+    """A run folder as Ray Train leaves it: checkpoint_<time> folders, epochs 1..4."""
+    found = []
+    for epoch, name in enumerate(NAMES, start=1):
+        folder = tmp_path / "job" / name
+        folder.mkdir(parents=True)
+        checkpoint.save(folder, training_state(epoch))
+        found.append(Checkpoint(str(folder)))
+    (tmp_path / "job" / "checkpoint_manager_snapshot.json").write_text("{}")
+    return found
+
+
+def test_resume_uses_the_latest_checkpoint_when_it_is_complete(tmp_path):
+    run = local_run(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpoint.load_latest(run[2], ARCH, CLASSES)["epoch"] == 3
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint_before_a_broken_latest(tmp_path):
+    run = local_run(tmp_path)
+    _damage(pathlib.Path(run[2].path), "truncated state")
+    with pytest.warns(UserWarning) as warned:
+        state = checkpoint.load_latest(run[2], ARCH, CLASSES)
+    assert state["epoch"] == 2  # not epoch 4: that one is newer than Ray's latest
+    message = str(warned[0].message)
+    assert run[2].path in message and run[1].path in message and "cut short" in message
+
+    _damage(pathlib.Path(run[1].path), "no manifest")
+    with pytest.warns(UserWarning, match=NAMES[0]):
+        assert checkpoint.load_latest(run[2], ARCH, CLASSES)["epoch"] == 1
+
+    _damage(pathlib.Path(run[0].path), "one byte flipped")
+    with pytest.raises(CorruptCheckpointError) as caught:
+        checkpoint.load_latest(run[2], ARCH, CLASSES)
+    assert "no complete checkpoint precedes it" in str(caught.value)
+    assert str(tmp_path / "job") in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state's keys: a checkpoint written before the loop was reshaped (issue 14) still resumes
+
+# The keys train/worker.py's WorkerRun.report wrote for a classifier, before train.loop and
+# checkpoint.training_state replaced it (commit 0b9d6c6).
+KEYS_BEFORE_ISSUE_14 = {
+    "arch", "num_classes", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng",
+    "data_order", "resumes", "mlflow_run_id", "metrics", "class_names",
+}  # fmt: skip
+
+
+def _training(seed: int) -> checkpoint.Training:
+    torch.manual_seed(seed)
+    net = build_model(ARCH, CLASSES)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    return checkpoint.Training(net, optimizer, scheduler, torch.amp.GradScaler("cpu"))
+
+
+def test_a_checkpoint_written_before_the_loop_was_reshaped_resumes_exactly(tmp_path):
+    trained = _training(seed=1)
+    loss = trained.model(torch.rand(2, 3, 32, 32)).sum()
+    loss.backward()
+    trained.optimizer.step()
+    trained.scheduler.step()
+    old_layout = {  # as the pre-issue-14 worker built it, literally
+        "arch": ARCH,
+        "num_classes": CLASSES,
+        "model": trained.model.state_dict(),
+        "optimizer": trained.optimizer.state_dict(),
+        "scheduler": trained.scheduler.state_dict(),
+        "scaler": trained.scaler.state_dict(),
+        "epoch": 3,
+        "step": trained.scheduler.last_epoch,
+        "rng": [checkpoint.rng_state()],
+        "data_order": {"seed": 0, "next_epoch": 3},
+        "resumes": [1],
+        "mlflow_run_id": "0123abcd",
+        "metrics": {"epoch": 3, "val_top1": 0.5},
+        "class_names": ["a", "b", "c", "d"],
+    }
+    assert set(old_layout) == KEYS_BEFORE_ISSUE_14
+    folder = tmp_path / "checkpoint_2026-01-01_00-00-01.000000"
+    folder.mkdir()
+    checkpoint.save(folder, old_layout)
+
+    fresh = _training(seed=2)
+    resumed = checkpoint.restore(Checkpoint(str(folder)), fresh, ARCH, CLASSES, rank=0)
+    assert (resumed.epoch, resumed.resumes, resumed.mlflow_run_id) == (3, [1, 3], "0123abcd")
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[name], value), name
+    assert fresh.scheduler.last_epoch == trained.scheduler.last_epoch
+    momentum = fresh.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, trained.optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+    written = checkpoint.training_state(
+        fresh,
+        arch=ARCH,
+        num_classes=CLASSES,
+        epoch=3,
+        seed=0,
+        rng=[checkpoint.rng_state()],
+        resumed=resumed,
+        metrics={"epoch": 4},
+        extra={"class_names": ["a", "b", "c", "d"]},
+    )
+    assert set(written) == KEYS_BEFORE_ISSUE_14  # what this version writes, an older one reads
+    assert written["epoch"] == 4 and written["resumes"] == [1, 3]

@@ -1,0 +1,268 @@
+"""The sections every job kind shares, and ``JobBase``, the fields and rules common to all kinds.
+
+Each kind (classify, detect, tune) fills ``JobBase``'s type parameters with its own model, data
+and recipe sections, so the detection recipe's defaults differ without overriding a field's type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
+from urllib.parse import unquote
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wrn_cluster.spec.datasets import DATASET_FACTS, MeanStd
+from wrn_cluster.spec.names import UnknownModelError, parse_name
+
+
+def home() -> Path:
+    """Where the embedded defaults keep files: ``WRN_CLUSTER_HOME`` or ``./.wrn-cluster``."""
+    return Path(os.environ.get("WRN_CLUSTER_HOME", ".wrn-cluster")).absolute()
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FieldError(ValueError):
+    """A cross-field rule that names the field it is about (not the model it runs in)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def absolute_if_local(url: str | None) -> str | None:
+    """Relative local paths mean 'from where I ran the command', also inside Ray workers,
+    whose working directory is not the user's. A URL with a scheme is used as written, so it
+    may not climb out of its prefix with '.' or '..' segments (plain or %-encoded)."""
+    if url is None:
+        return url
+    if "://" in url:
+        path = url.split("://", 1)[1]
+        if any(unquote(part) in (".", "..") for part in path.replace("\\", "/").split("/")):
+            raise ValueError(
+                "'.' and '..' segments are not allowed in a URL; write the folder it means, "
+                "e.g. s3://bucket/datasets/imagenet"
+            )
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+class ArchSection(Section):
+    """A model section: every kind names its network by the paper's name."""
+
+    arch: str
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        try:
+            parse_name(value)
+        except UnknownModelError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+
+class ModelSection(ArchSection):
+    arch: str = Field("wrn-28-10", description="Paper name, e.g. wrn-28-10, wrn-50-2.")
+    num_classes: int | None = Field(
+        None, ge=2, description="Classes; taken from the dataset when left out."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between a block's convs.")
+
+
+class SynthSection(Section):
+    """Synthetic JPEGs written on first run when the dataset folder is missing."""
+
+    classes: int = Field(4, ge=2)
+    per_class: int = Field(64, ge=2)
+    size: int = Field(40, ge=8)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+
+
+class DataSection(Section):
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "svhn"] = "cifar10"
+    url: str = Field(
+        ..., description="fsspec URL of the dataset root: a path, file://, or s3://bucket/prefix."
+    )
+    image_size: int | None = Field(
+        None, ge=8, description="Training crop; 32 for CIFAR/SVHN, the model's default otherwise."
+    )
+    eval_resize: int | None = Field(
+        None, ge=8, description="Resize before the centre crop at evaluation (imagefolder)."
+    )
+    batch_size: int = Field(128, ge=1, description="Global batch size across all workers.")
+    augment: bool | None = Field(
+        None, description="Training augmentation; off for SVHN, on otherwise, as in the paper."
+    )
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker.")
+    synthesize: SynthSection | None = Field(
+        None, description="Write synthetic JPEGs to url on first run (imagefolder only)."
+    )
+
+    _absolute_url = field_validator("url")(absolute_if_local)
+
+    def mean_std(self) -> MeanStd:
+        return DATASET_FACTS[self.dataset].mean_std
+
+
+class OptimizerSection(Section):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    decay_norm_and_bias: bool = Field(True, description="Apply weight decay to BN and biases.")
+    scale_lr_with_batch: bool = Field(
+        False, description="lr *= batch_size / base_batch_size (the linear scaling rule)."
+    )
+    base_batch_size: int = Field(128, ge=1)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+
+
+class ScheduleSection(Section):
+    epochs: int = Field(200, ge=1)
+    type: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
+    gamma: float = Field(0.2, gt=0.0, le=1.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(
+        0, ge=0, description="Warmup in optimizer steps instead of epochs (detection recipes)."
+    )
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(f"milestones must increase strictly, got {value}")
+        if any(m < 1 for m in value):
+            raise ValueError(f"milestones are epochs >= 1, got {value}")
+        return value
+
+
+class PrecisionSection(Section):
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device supports it, else fp32."
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: channels_last on CUDA and with native bf16 on the CPU, where it "
+        "measured faster; NCHW otherwise (slower in fp32 on the CPU).",
+    )
+    compile: bool = False
+
+
+class ScalingSection(Section):
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes).")
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: SPREAD puts them on different nodes."
+    )
+
+
+class CheckpointSection(Section):
+    storage: str | None = Field(
+        None, description="fsspec URL for Ray Train storage; <home>/runs when left out."
+    )
+    every_epochs: int = Field(1, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
+    upload_attempts: int = Field(
+        6, ge=1, description="Tries to store a checkpoint before the job stops with an error."
+    )
+    upload_backoff_s: float = Field(
+        5.0, ge=0, le=60, description="Wait after a failed upload; doubles, up to 60 s."
+    )
+
+    _absolute_storage = field_validator("storage")(absolute_if_local)
+
+    def storage_url(self) -> str:
+        return self.storage or str(home() / "runs")
+
+
+class TrackingSection(Section):
+    experiment: str = "wrn-cluster"
+    registered_model: str | None = Field(None, description="Model Registry name; none: no model.")
+    alias: str = "champion"
+    promotion_metric: str = "val_top1"
+    log_every_steps: int = Field(50, ge=1)
+    enabled: bool = True
+
+
+class BatchedData(Protocol):
+    """What the shared rules read from any kind's data section."""
+
+    batch_size: int
+
+
+ModelT = TypeVar("ModelT", bound=ArchSection)
+DataT = TypeVar("DataT", bound=BatchedData)
+OptimizerT = TypeVar("OptimizerT", bound=OptimizerSection)
+ScheduleT = TypeVar("ScheduleT", bound=ScheduleSection)
+TrackingT = TypeVar("TrackingT", bound=TrackingSection)
+
+
+class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT]):
+    """Fields and rules of every kind; a kind gives the sections' types and their defaults."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name.")
+    seed: int = 0
+    model: ModelT
+    optimizer: OptimizerT
+    schedule: ScheduleT
+    precision: PrecisionSection = Field(default_factory=PrecisionSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingT
+    if TYPE_CHECKING:
+        # Declared by each kind after its kind tag, where it has always been in dumps.
+        data: DataT
+
+    @model_validator(mode="after")
+    def _schedule_fits_training(self) -> JobBase:
+        epochs = self.schedule.epochs
+        late = [m for m in self.schedule.milestones if m >= epochs]
+        if self.schedule.type == "multistep" and late:
+            raise FieldError(
+                "schedule.milestones",
+                f"milestones {late} are not before the last epoch ({epochs}); "
+                "use milestones below schedule.epochs",
+            )
+        if self.schedule.warmup_epochs and self.schedule.warmup_steps:
+            if "warmup_steps" in self.schedule.model_fields_set:
+                raise FieldError(
+                    "schedule.warmup_steps",
+                    "give the warmup in epochs or in steps, not both; set one of them to 0",
+                )
+            self.schedule.warmup_steps = 0  # epochs the user wrote beat a recipe's default steps
+        if self.schedule.warmup_epochs >= epochs:
+            raise FieldError(
+                "schedule.warmup_epochs",
+                f"warmup of {self.schedule.warmup_epochs} epochs is not shorter than training "
+                f"({epochs} epochs)",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> JobBase:
+        batch = self.data.batch_size
+        micro = self.scaling.workers * self.optimizer.grad_accum_steps
+        if batch % micro:
+            raise FieldError(
+                "data.batch_size",
+                f"{batch} does not split evenly over {self.scaling.workers} workers x "
+                f"{self.optimizer.grad_accum_steps} accumulation steps; use a multiple of {micro}",
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        micro = self.scaling.workers * self.optimizer.grad_accum_steps
+        return self.data.batch_size // micro

@@ -1,0 +1,217 @@
+"""Classification's own pieces of the training loop: datasets and network, loaders, the
+per-batch step (also what `wrn-cluster bench train-step` times) and the evaluation pass.
+
+A step takes the uint8 batch the loader gives, normalizes it on the device, runs the forward pass
+under autocast, the loss and the backward pass, and on the last micro-batch of an optimizer step
+the (fused) optimizer step. It never reads a value back to the host: the loss and the batch's
+stats (``metrics.CLASSIFY_SUMS``) stay on the device, for the loop to sum and read once an epoch.
+No ray import here: the plain-DDP baseline of `wrn-cluster bench ray-overhead` runs these too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from wrn_cluster import data
+from wrn_cluster.models import build_model
+from wrn_cluster.spec import ClassifyJob
+from wrn_cluster.train import metrics, optim, precision
+
+SUMS = metrics.CLASSIFY_SUMS
+
+
+@dataclass
+class Parts:
+    """What a task gives the loop before training: data, the bare network, and what a
+    checkpoint keeps besides the training state."""
+
+    train_set: Dataset
+    val_set: Dataset
+    model: nn.Module  # on the device's layout; the loop wraps it for DDP
+    num_classes: int
+    extra_state: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)  # logged once, on a fresh start
+    val_truth: Any = None
+
+
+def memory_format(spec: ClassifyJob, device: torch.device) -> torch.memory_format:
+    """The model's layout on ``device``: the spec's, or for "auto" what pays there."""
+    dtype = precision.resolve(spec.precision.dtype, device)
+    return precision.memory_format(spec.precision.channels_last, dtype, device)
+
+
+def parts(spec: ClassifyJob, rank: int, device: torch.device) -> Parts:
+    train_set, val_set, class_names = data.build_datasets(spec)
+    num_classes = spec.model.num_classes or len(class_names)
+    model = build_model(spec.model.arch, num_classes, dropout=spec.model.dropout)
+    model = model.to(device, memory_format=memory_format(spec, device))
+    return Parts(train_set, val_set, model, num_classes, {"class_names": class_names})
+
+
+def loaders(
+    spec: ClassifyJob,
+    train_set: Dataset,
+    val_set: Dataset,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    """(sampler, train loader, val loader) for this rank."""
+    workers = spec.data.loader_workers
+    options = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        # Workers live across epochs (no re-fork, S3 connections kept); the datasets keep
+        # their epoch in shared memory, so each epoch's augmentation still differs.
+        "persistent_workers": workers > 0,
+    }
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
+    train_loader = DataLoader(
+        train_set, batch_size=spec.per_worker_batch, sampler=sampler, drop_last=False, **options
+    )
+    # Each rank evaluates a disjoint slice, so no image is counted twice.
+    val_loader = DataLoader(
+        Subset(val_set, range(rank, len(val_set), world)),
+        batch_size=spec.per_worker_batch * 2,
+        **options,
+    )
+    return sampler, train_loader, val_loader
+
+
+def to_input(
+    images: torch.Tensor, device: torch.device, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """uint8 [N, 3, H, W] from the loader -> ``(x / 255 - mean) / std`` as float on the device.
+
+    The batch stays NCHW: the first convolution of a channels_last model converts its 3-channel
+    input itself, and a per-channel multiply-add is several times faster in NCHW on the CPU.
+    """
+    # Copied as uint8, a quarter of the bytes of the float batch.
+    return images.to(device, non_blocking=True).float().mul_(scale).add_(shift)
+
+
+def normalization(
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of shape [1, 3, 1, 1] with ``x * scale + shift == (x / 255 - mean) / std``."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in mean_std)
+    return (1.0 / (255.0 * std)).to(device), (-mean / std).to(device)
+
+
+@dataclass
+class TrainStep:
+    model: nn.Module  # the module gradients flow through: DDP-wrapped when there are workers
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or torch.compile of it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: str  # "fp32", "bf16" or "fp16"
+    device: torch.device
+    layout: torch.memory_format  # the model's; the input stays NCHW (see to_input)
+    scale: torch.Tensor
+    shift: torch.Tensor
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        return to_input(images, self.device, self.scale, self.shift)
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, last_micro: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch: (mean loss, [loss sum, correct, counted, skipped]) on the device.
+
+        Label -1 marks an unreadable image: it adds nothing to the loss and is counted as skipped.
+        """
+        labels = labels.to(self.device, non_blocking=True)
+        valid = labels >= 0
+        counted = valid.sum()
+        # Under DDP, gradients are all-reduced once per optimizer step, not per micro-batch.
+        no_sync = getattr(self.model, "no_sync", None) if not last_micro else None
+        with no_sync() if no_sync else contextlib.nullcontext():
+            with precision.autocast(self.dtype, self.device):
+                logits = self.forward(self.to_input(images)).float()
+            loss_sum = F.cross_entropy(
+                logits,
+                labels,
+                ignore_index=-1,
+                reduction="sum",
+                label_smoothing=self.label_smoothing,
+            )
+            # The mean over readable images; a batch with none gives 0 (no update), not NaN.
+            loss = loss_sum / counted.clamp(min=1)
+            self.scaler.scale(loss / self.accum_steps).backward()
+        if last_micro:
+            # A fused optimizer checks fp16 overflow on the device: no sync in scaler.step.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        correct = ((logits.argmax(1) == labels) & valid).sum()
+        stats = torch.stack([loss_sum.detach(), correct, counted, labels.numel() - counted])
+        return loss.detach(), stats.double()
+
+
+def step(spec: ClassifyJob, model: nn.Module, device: torch.device) -> TrainStep:
+    """The step for ``model`` (on ``device`` in the spec's layout, DDP-wrapped or not)."""
+    dtype = precision.resolve(spec.precision.dtype, device)
+    scale, shift = normalization(spec.data.mean_std(), device)
+    if device.type == "cuda":  # fixed input shapes: let cuDNN time its kernels once and pick
+        torch.backends.cudnn.benchmark = True
+    return TrainStep(
+        model=model,
+        # Opt-in: on the CPU it gained ~2% after a 40 s+ warm-up (bench/RESULTS.md).
+        forward=torch.compile(model) if spec.precision.compile else model,
+        optimizer=optim.build_optimizer(model, spec, spec.data.batch_size),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == "fp16"),
+        dtype=dtype,
+        device=device,
+        layout=memory_format(spec, device),
+        scale=scale,
+        shift=shift,
+        label_smoothing=spec.optimizer.label_smoothing,
+        accum_steps=spec.optimizer.grad_accum_steps,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, step: TrainStep, parts: Parts, rank: int, world: int
+) -> dict[str, float]:
+    """val_loss, val_top1, val_top5 over every rank's slice, and the images skipped."""
+    net = getattr(model, "module", model)
+    net.eval()
+    totals = torch.zeros(5, device=step.device, dtype=torch.float64)
+    for images, labels in loader:
+        labels = labels.to(step.device, non_blocking=True)
+        valid = labels >= 0
+        with precision.autocast(step.dtype, step.device):
+            logits = net(step.to_input(images)).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = (top == labels[:, None]) & valid[:, None]
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum").double(),
+                hits[:, :1].sum().double(),
+                hits.sum().double(),
+                valid.sum().double(),
+                (~valid).sum().double(),
+            ]
+        )
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, top1, top5, seen, skipped = totals.tolist()
+    seen = max(seen, 1.0)
+    return {
+        "val_loss": loss / seen,
+        "val_top1": top1 / seen,
+        "val_top5": top5 / seen,
+        "skipped_images": int(skipped),
+    }

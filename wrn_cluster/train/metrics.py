@@ -1,0 +1,95 @@
+"""Metric names, the epoch's sums of a step's stats, and the one progress line per epoch.
+
+A step returns its batch's stats as one tensor on the device, in the order of its task's
+``SUMS`` names; ``Sums`` adds them up and reads them back once per epoch, by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# torchvision's Faster R-CNN losses, each summed over the epoch's images by the detection step.
+DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+# What each task's step sums per batch, in the order of its stats tensor.
+CLASSIFY_SUMS = ("loss_sum", "correct", "counted", "skipped")
+DETECT_SUMS = ("loss_sum", *(f"{name}_sum" for name in DETECTION_LOSSES), "images", "skipped")
+
+# What an epoch of each task reports on validation, in the progress line's order.
+CLASSIFY_VAL = ("val_loss", "val_top1", "val_top5")
+COCO_AP = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class Sums:
+    """One epoch's running sums of a step's stats, kept on the device until read."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.total: torch.Tensor | None = None
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.total = stats if self.total is None else self.total + stats
+
+    def read(self, world: int) -> dict[str, float]:
+        """The sums over every rank, by name (one collective and one read back)."""
+        if self.total is None:
+            raise RuntimeError("the training loader gave no batches; the dataset is empty")
+        if world > 1:
+            dist.all_reduce(self.total)
+        return dict(zip(self.names, self.total.tolist(), strict=True))
+
+
+def train_metrics(kind: str, sums: dict[str, float], train_time_s: float) -> dict[str, float]:
+    """The epoch's training metrics from its sums: mean losses, top-1, throughput, skips."""
+    if kind == "detect":
+        images = sums["images"]
+        seen = max(images, 1.0)
+        found = {"train_loss": sums["loss_sum"] / seen}
+        found |= {f"train_{name}": sums[f"{name}_sum"] / seen for name in DETECTION_LOSSES}
+    else:
+        images = sums["counted"] + sums["skipped"]
+        seen = max(sums["counted"], 1.0)
+        found = {"train_loss": sums["loss_sum"] / seen, "train_top1": sums["correct"] / seen}
+    return {**found, "images_per_sec": images / train_time_s, "skipped_train": sums["skipped"]}
+
+
+def epoch_metrics(
+    epoch: int,
+    train: dict[str, float],
+    val: dict[str, Any],
+    lr: float,
+    epoch_time_s: float,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """What one epoch reports to Ray Train and MLflow (``epoch`` is 0-based; 1-based out)."""
+    val = dict(val)
+    skipped = train.pop("skipped_train") + val.pop("skipped_images")
+    return {
+        "epoch": epoch + 1,
+        **train,
+        **val,
+        "lr": lr,
+        "skipped_images": int(skipped),
+        "epoch_time_s": epoch_time_s,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def progress_line(job_name: str, kind: str, epochs: int, m: dict[str, Any]) -> str:
+    """The driver's line for one epoch's report."""
+    if kind == "detect":
+        scores = f"train loss {m['train_loss']:.4f}  " + " ".join(
+            f"{name} {m[name]:.3f}" for name in COCO_AP
+        )
+    else:
+        scores = (
+            f"train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}  val loss "
+            f"{m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
+        )
+    return (
+        f"[{job_name}] epoch {m['epoch']}/{epochs}  {scores}  lr {m['lr']:.4g}  "
+        f"{m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s"
+    )

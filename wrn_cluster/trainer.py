@@ -1,0 +1,116 @@
+"""The Ray Train TorchTrainer for a classify or detect spec, the driver's line per epoch, and
+the network a finished run logs to MLflow from its last checkpoint.
+
+Ray is imported inside the functions: the CLI imports this module for commands that never
+start Ray.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from wrn_cluster import tracking
+from wrn_cluster.data import storage
+from wrn_cluster.models import build_model
+from wrn_cluster.models.detection import from_checkpoint
+from wrn_cluster.spec import ClassifyJob, DetectJob
+from wrn_cluster.train import checkpoint
+from wrn_cluster.train.loop import train_func
+from wrn_cluster.train.metrics import progress_line
+
+if TYPE_CHECKING:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+
+def progress_printer(spec: ClassifyJob | DetectJob):
+    """A Ray Train callback printing one readable line per epoch; it runs in the Train
+    controller, whose output Ray forwards to the driver."""
+    from ray.train import UserCallback
+
+    class ProgressPrinter(UserCallback):
+        # Ray calls it with keywords: the parameter names are Ray's.
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            line = progress_line(spec.name, spec.kind, spec.schedule.epochs, metrics[0])
+            print(line + (f"  checkpoint -> {checkpoint.path}" if checkpoint else ""), flush=True)
+
+    return ProgressPrinter()
+
+
+def build(
+    spec: ClassifyJob | DetectJob,
+    callbacks: list | None = None,
+    context: tracking.RunContext | None = None,
+) -> TorchTrainer:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "tracking": context},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            callbacks=callbacks,
+            # Our progress line says per epoch what Ray Train's INFO lines say per report.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def log_final_model(
+    spec: ClassifyJob | DetectJob,
+    context: tracking.RunContext,
+    found: ray.train.Checkpoint,
+) -> str:
+    """Log the network of a finished run's last checkpoint to the MLflow run that checkpoint
+    names (once: a resubmitted finished job logs nothing new); returns that run's id. Done by
+    the driver after fit(), so the workers' loop never needs to know whether the run is the
+    last one or a search's trial. Raises RegistrationError."""
+    try:
+        state = checkpoint.read(found)
+        run_id = state.get("mlflow_run_id")
+        if spec.kind == "detect":
+            net, names = from_checkpoint(state), state["categories"]
+        else:
+            net = build_model(spec.model.arch, state["num_classes"], dropout=spec.model.dropout)
+            net.load_state_dict(state["model"])
+            names = state["class_names"]
+    except (checkpoint.CheckpointError, OSError, KeyError, RuntimeError) as error:
+        raise tracking.RegistrationError(
+            f"job {spec.name!r} trained, but its last checkpoint {found.path} could not be "
+            f"read back to log the model ({type(error).__name__}: {error}); the checkpoints "
+            "stay as they are"
+        ) from None
+    if not run_id:
+        raise tracking.RegistrationError(
+            f"job {spec.name!r}: its checkpoint {found.path} names no MLflow run; the weights "
+            "are there, but no model was logged"
+        )
+    if spec.kind == "detect":
+        options = state["detector"]
+
+        def log(client, run: str):
+            return tracking.log_detector(client, run, net, names, options)
+    else:
+
+        def log(client, run: str):
+            return tracking.log_classifier(client, run, spec, net, names, spec.image_size)
+
+    tracking.log_trained_model(spec, context, run_id, found.path, log)
+    return run_id
