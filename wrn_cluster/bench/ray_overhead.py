@@ -105,7 +105,7 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
             if last_micro:
                 scheduler.step()
             sums.add(batch_totals)
-        totals = sums.read(world)
+        summed = sums.read(world)
         train_time = time.perf_counter() - epoch_start
         val = classify.evaluate(model, val_loader, step_fn, parts, rank, world)
         if rank == 0:
@@ -120,7 +120,7 @@ def plain_worker(rank: int, world: int, port: int, spec_json: dict, out: str) ->
                     },
                 )
             result = {
-                "images_per_sec": (totals["counted"] + totals["skipped"]) / train_time,
+                "images_per_sec": (summed["counted"] + summed["skipped"]) / train_time,
                 "val_top1": val["val_top1"],
                 "wall_s": time.perf_counter() - job_start,
             }
