@@ -22,12 +22,14 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/wrn-cluster submit jobs/quickstart.yaml
 
-# Everything: the layers contract, then the unit, integration and e2e tiers.
+# Everything: the layers contract, the unit tier in two processes (its tests share nothing),
+# then the integration and e2e tiers in one: each of their Ray Train runs keeps both cores busy.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
-# The unit tier only: no Ray, no servers; its tests share nothing, so two processes run it.
+# The unit tier only: no Ray, no servers.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -n 2 $(PYTEST_ARGS)
 

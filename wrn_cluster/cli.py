@@ -1,4 +1,11 @@
-"""`wrn-cluster`: parse the command line, call the module that does the work, print the result."""
+"""`wrn-cluster`: parse the command line, call the module that does the work, print the result.
+
+Only light modules are imported here (the spec, the cluster and Jobs API helpers): a command
+that trains, builds networks, packs data or benchmarks imports its module when it runs, so
+`wrn-cluster status`, `logs`, `stop`, `list`, `validate` and `schema` start without torch (about
+1 s instead of 10 s on a 2-core machine). This is the one place project modules are imported
+inside functions; `tests/unit/test_layers.py` holds both rules.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wrn_cluster import cluster, launcher, preflight, tracking
-from wrn_cluster.bench import input_pipeline, ray_overhead, tracking_overhead, train_step
-from wrn_cluster.bench.common import markdown_table
-from wrn_cluster.data.synthetic import SHAPES, write_coco, write_imagefolder
-from wrn_cluster.models import PAPER_VARIANTS, UnknownModelError, describe, parse_name
+from wrn_cluster import cluster, jobs
+from wrn_cluster.cluster import LaunchError
 from wrn_cluster.spec import SpecError, json_schema, load
 
 app = typer.Typer(
@@ -88,6 +92,7 @@ def schema() -> None:
 @models_app.command("list")
 def models_list() -> None:
     """List the paper's variants; other wrn-D-K names build too."""
+    from wrn_cluster.models import PAPER_VARIANTS, parse_name
 
     table = Table("name", "family", "depth", "width", "default input")
     for name in PAPER_VARIANTS:
@@ -108,6 +113,7 @@ def models_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Family, parameters and GMACs per image of one network."""
+    from wrn_cluster.models import UnknownModelError, describe
 
     try:
         info = describe(name, num_classes, image_size)
@@ -137,6 +143,7 @@ def submit(
     ] = False,
 ) -> None:
     """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
+    from wrn_cluster import launcher
 
     overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
     spec = load_spec(file, overrides)
@@ -149,12 +156,14 @@ def submit(
             code = launcher.submit_remote(spec, address, wait, out.print)
         else:
             code = launcher.run_local(spec, out.print)
-    except launcher.LaunchError as error:
+    except LaunchError as error:
         raise fail(str(error)) from None
     raise typer.Exit(code)
 
 
 def _dry_run(spec, address: str | None) -> None:
+    from wrn_cluster import preflight
+
     try:
         report = preflight.dry_run(spec, address)
     except preflight.PreflightError as error:
@@ -186,8 +195,8 @@ def status(job_id: str, address: AddressOption = None) -> None:
     """A job's status."""
 
     try:
-        info = launcher.job_info(_address(address), job_id)
-    except launcher.LaunchError as error:
+        info = jobs.job_info(_address(address), job_id)
+    except LaunchError as error:
         raise fail(str(error)) from None
     out.print(
         f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else "")
@@ -204,9 +213,9 @@ def logs(
 
     try:
         if follow:
-            raise typer.Exit(launcher.follow(_address(address), job_id, sys.stdout.write))
-        sys.stdout.write(launcher.job_logs(_address(address), job_id))
-    except launcher.LaunchError as error:
+            raise typer.Exit(jobs.follow(_address(address), job_id, sys.stdout.write))
+        sys.stdout.write(jobs.job_logs(_address(address), job_id))
+    except LaunchError as error:
         raise fail(str(error)) from None
 
 
@@ -215,8 +224,8 @@ def stop(job_id: str, address: AddressOption = None) -> None:
     """Stop a running job; its checkpoints stay, and resubmitting resumes from them."""
 
     try:
-        stopped = launcher.stop_job(_address(address), job_id)
-    except launcher.LaunchError as error:
+        stopped = jobs.stop_job(_address(address), job_id)
+    except LaunchError as error:
         raise fail(str(error)) from None
     out.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
@@ -226,11 +235,11 @@ def list_(address: AddressOption = None) -> None:
     """Jobs on the cluster."""
 
     try:
-        jobs = launcher.list_jobs(_address(address))
-    except launcher.LaunchError as error:
+        listed = jobs.list_jobs(_address(address))
+    except LaunchError as error:
         raise fail(str(error)) from None
     table = Table("job id", "name", "status")
-    for job in jobs:
+    for job in listed:
         table.add_row(job["job_id"], job["name"], job["status"])
     out.print(table)
 
@@ -247,6 +256,7 @@ def data_synth_imagefolder(
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
 ) -> None:
     """Write learnable synthetic JPEGs as DEST/train/<class>/*.jpg and DEST/val/<class>/*.jpg."""
+    from wrn_cluster.data.synthetic import write_imagefolder
 
     try:
         counts = write_imagefolder(dest, classes, per_class, size, val_fraction, seed)
@@ -270,6 +280,7 @@ def data_synth_coco(
 ) -> None:
     """Write shapes with known boxes as a COCO dataset: DEST/train2017/*.jpg, DEST/val2017/*.jpg
     and DEST/annotations/instances_{train,val}2017.json (a detect spec's default layout)."""
+    from wrn_cluster.data.synthetic import SHAPES, write_coco
 
     try:
         counts = write_coco(dest, images, size, val_fraction, seed)
@@ -287,6 +298,7 @@ def pull(
     dst: Annotated[Path, typer.Option(help="Empty or new folder to download into.")],
 ) -> None:
     """Download a registered model from MLflow (MLFLOW_TRACKING_URI, else the embedded store)."""
+    from wrn_cluster import tracking
 
     try:
         info = tracking.pull(model_uri, dst)
@@ -315,6 +327,7 @@ def predict(
 ) -> None:
     """Top classes (a classifier) or boxes (a detector) for each image, with the model's own
     preprocessing."""
+    from wrn_cluster import tracking
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -384,6 +397,8 @@ def bench_train_step(
     json_path: JsonOption = None,
 ) -> None:
     """Images/s of forward+backward+SGD: torchvision's reference step vs the project's."""
+    from wrn_cluster.bench import train_step
+    from wrn_cluster.models import UnknownModelError
 
     overrides = {"dtype": dtype, "channels_last": channels_last, "compile": compile_}
     try:
@@ -418,6 +433,7 @@ def bench_input(
     json_path: JsonOption = None,
 ) -> None:
     """Images/s per core: torchvision ImageFolder + PIL classic transforms vs the project's."""
+    from wrn_cluster.bench import input_pipeline
 
     comparison = input_pipeline.run(images, size, batch, rounds, folder, say=_progress)
     _report(comparison, json_path)
@@ -433,6 +449,7 @@ def bench_tracking_overhead(
     json_path: JsonOption = None,
 ) -> None:
     """An epoch of train steps with and without MLflow tracking (every step logged)."""
+    from wrn_cluster.bench import tracking_overhead
 
     comparison = tracking_overhead.run(model, size, batch, steps, rounds, say=_progress)
     _report(comparison, json_path)
@@ -450,6 +467,7 @@ def bench_ray_overhead(
     json_path: JsonOption = None,
 ) -> None:
     """One epoch as a Ray Train job vs plain torch.distributed (gloo), same data and loop."""
+    from wrn_cluster.bench import ray_overhead
 
     comparison = ray_overhead.run(
         model, images, size, batch, workers, loader_workers, rounds, say=_progress
@@ -462,6 +480,7 @@ def bench_table(
     files: Annotated[list[Path], typer.Argument(help="JSON files written with --json.")],
 ) -> None:
     """One Markdown table of bench results."""
+    from wrn_cluster.bench.common import markdown_table
 
     out.print(markdown_table([json.loads(p.read_text()) for p in files]), markup=False)
 

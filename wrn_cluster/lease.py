@@ -7,6 +7,9 @@ each actor name once, so of two drivers creating the same name only one actor st
 dies with the driver that made it, so a crashed job's lease goes with it. Each
 `wrn-cluster submit` without --address starts its own Ray, so there a lock on a file beside
 the run folder (released by the OS when the process ends) holds the lease as well.
+
+The lease actor's process imports this module and nothing heavier (fsspec, no torch): it starts
+on the path of every job, before the trainer.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from wrn_cluster.data import storage
-from wrn_cluster.spec import JobBase
+import fsspec
+
+if TYPE_CHECKING:
+    from wrn_cluster.spec import JobBase
 
 NAMESPACE = "wrn-cluster"
 
@@ -52,7 +58,7 @@ def file_lease(spec: JobBase, who: str) -> Iterator[None]:
     if "://" in url and not url.startswith("file://"):
         yield
         return
-    folder = Path(storage.filesystem(url)[1])
+    folder = Path(fsspec.core.url_to_fs(url)[1])
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # not a folder we can write: the preflight says so, with the fix

@@ -1,5 +1,6 @@
 """End to end through the Ray Jobs API against a real `ray start --head` cluster with its
-dashboard: submit, follow, status, list, logs, stop, and resume by resubmitting the name."""
+dashboard: submit, follow, status, list, logs, stop, refuse a second submission of a running job,
+and resume by resubmitting the name."""
 
 import os
 import shutil
@@ -22,10 +23,12 @@ from tests.util import (
     stop_processes_of,
     wait_until,
 )
-from wrn_cluster import launcher, preflight, spec
+from wrn_cluster import jobs, launcher, preflight, spec
 from wrn_cluster.train import checkpoint
 
 pytestmark = pytest.mark.slow
+STATE = checkpoint.STATE_FILE
+EPOCHS = 12
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -67,12 +70,14 @@ def cli(*args, address, timeout=300):
     )
 
 
-def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
+def test_submit_follow_refuse_a_second_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
+    # One job serves both checks: while it runs, a second submission of it is refused.
     data_root = tmp_path / "digits"
     write_digits_imagefolder(data_root, size=16)
     storage = tmp_path / "runs"
-    job = digits_job(data_root, storage, name="jobs-api", schedule={"epochs": 6})
-    job["data"]["batch_size"] = 32  # slower epochs, so the stop lands mid-run
+    # Epochs enough that the status, the refused submission and the stop all land mid-run.
+    job = digits_job(data_root, storage, name="jobs-api", schedule={"epochs": EPOCHS})
+    job["data"]["batch_size"] = 32
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(job))
 
@@ -96,6 +101,14 @@ def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
         what="the dashboard's Train view to list run 'jobs-api' with an attempt",
     )
 
+    clash = cli("submit", str(spec_file), address=cluster, timeout=200)
+    assert clash.returncode == 1, clash.stdout + clash.stderr
+    assert f"job 'jobs-api' is already running (submission {job_id} on " in clash.stdout
+    # The refused submission started no run of its own: every checkpoint is the first one's.
+    complete = [m.parent / STATE for m in run_dir.glob(f"checkpoint_*/{checkpoint.MANIFEST_FILE}")]
+    states = [torch.load(path, weights_only=True) for path in complete]
+    assert states and all(state["resumes"] == [] for state in states)
+
     stopped = cli("stop", job_id, address=cluster)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
     wait_until(
@@ -104,49 +117,22 @@ def test_submit_follow_stop_and_resume_through_the_jobs_api(cluster, tmp_path):
         what=f"job {job_id} to be STOPPED",
     )
     done_before = _newest(run_dir)["epoch"]
-    assert done_before < 6
+    assert done_before < EPOCHS
 
     second = cli("submit", str(spec_file), address=cluster, timeout=400)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "epoch 6/6" in second.stdout  # the followed logs show progress lines
+    assert f"epoch {EPOCHS}/{EPOCHS}" in second.stdout  # the followed logs show progress lines
     state = _newest(run_dir)
     # It resumes from the newest checkpoint Ray Train had registered when the job stopped: the
     # newest folder on disk, or the one before it if the stop came while that was registering.
     (resumed_at,) = state["resumes"]
-    assert state["epoch"] == 6 and 1 <= resumed_at <= done_before
-    assert f"epoch {resumed_at}/6" not in second.stdout  # epochs already done are not redone
+    assert state["epoch"] == EPOCHS and 1 <= resumed_at <= done_before
+    assert f"epoch {resumed_at}/{EPOCHS}" not in second.stdout  # done epochs are not redone
 
     listed = cli("list", address=cluster)
     assert job_id in listed.stdout and "STOPPED" in listed.stdout and "SUCCEEDED" in listed.stdout
     logs = cli("logs", job_id, address=cluster)
-    assert "epoch 1/6" in logs.stdout
-
-
-def test_a_second_submission_of_a_running_job_is_refused(cluster, tmp_path):
-    data_root = tmp_path / "digits"
-    write_digits_imagefolder(data_root, size=16)
-    storage = tmp_path / "runs"
-    job = digits_job(data_root, storage, name="clash", schedule={"epochs": 50})
-    job["scaling"]["workers"] = 1
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    first = cli("submit", str(spec_file), "--no-wait", address=cluster)
-    assert first.returncode == 0, first.stderr
-    job_id = first.stdout.split("job ")[1].split()[0]
-    try:
-        # Ray Train makes the run folder after the driver took the job's lease.
-        wait_until(lambda: (storage / "clash").is_dir(), 180, "the first job's run folder")
-        second = cli("submit", str(spec_file), address=cluster, timeout=200)
-        assert second.returncode == 1
-        assert f"job 'clash' is already running (submission {job_id} on " in second.stdout
-        assert "RUNNING" in cli("status", job_id, address=cluster).stdout
-    finally:
-        cli("stop", job_id, address=cluster)
-    states = [
-        torch.load(path, weights_only=True)
-        for path in (storage / "clash").glob(f"checkpoint_*/{checkpoint.STATE_FILE}")
-    ]
-    assert all(state["resumes"] == [] for state in states)  # all from the first run
+    assert f"epoch 1/{EPOCHS}" in logs.stdout
 
 
 def test_credentials_inside_a_forwarded_url_never_reach_the_cluster(tmp_path, monkeypatch):
@@ -177,7 +163,7 @@ def test_dry_run_checks_the_clusters_resources_and_submits_nothing(cluster, tmp_
     report = preflight.dry_run(spec.load(spec_file), cluster)
     assert dict(report.checks)["resources"] == f"cluster at {cluster} has 4 CPU, 0 GPU"
     assert dict(report.plan)["runs on"] == f"the cluster at {cluster}"
-    assert not [j for j in launcher.list_jobs(cluster) if j["name"] == "dry-run"]
+    assert not [j for j in jobs.list_jobs(cluster) if j["name"] == "dry-run"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
     too_big = cli(
@@ -190,5 +176,5 @@ def test_dry_run_checks_the_clusters_resources_and_submits_nothing(cluster, tmp_
 
 
 def _newest(run_dir: Path) -> dict:
-    newest = max(run_dir.glob(f"checkpoint_*/{checkpoint.STATE_FILE}"))
+    newest = max(run_dir.glob(f"checkpoint_*/{STATE}"))
     return torch.load(newest, weights_only=True)

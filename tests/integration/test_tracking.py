@@ -1,5 +1,6 @@
 """MLflow tracking against a real `mlflow server` on PostgreSQL with artifacts and checkpoints
-in moto's S3: runs, registry promotion, pulls in a plain process, a server outage, no leaks."""
+in moto's S3: runs, registry promotion, a resubmitted job continuing its run, pulls in a plain
+process, a server outage, no leaks."""
 
 import json
 import os
@@ -62,10 +63,23 @@ def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked
     refused = client.get_model_version(MODEL, "2")
     assert refused.tags["promotion"].startswith("kept digits_wrn@champion: v2 val_top1=")
 
-    strong = tracked_job(tracked, "strong", epochs=4, lr=0.05)
+    # The strong job trains in two submissions: the second continues the first's MLflow run.
+    strong = tracked_job(tracked, "strong", epochs=2, lr=0.05)
     driver.run(strong)
+    assert champion(client).version == "3"
+    longer = yaml.safe_load(yaml.safe_dump(strong.model_dump(mode="json")))
+    longer["schedule"]["epochs"] = 4
+    driver.run(as_spec(longer))
     best = champion(client)
-    assert best.version == "3"
+    assert best.version == "4" and best.run_id == client.get_model_version(MODEL, "3").run_id
+    (strong_run,) = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        "tags.`wrn_cluster.job_name` = 'strong'",
+    )
+    assert strong_run.info.run_id == best.run_id
+    newest = max(bucket().glob("checkpoints/strong-runs/strong/checkpoint_*/state.pt"))
+    with bucket().open(newest) as handle:
+        assert torch.load(handle, weights_only=True)["mlflow_run_id"] == best.run_id
     assert float(best.tags["val_top1"]) > float(first.tags["val_top1"])
     assert best.tags["promotion"].startswith("promoted")
     assert {"dataset", "params", "gmacs", "job_name", "val_top5"} <= set(best.tags)
@@ -197,19 +211,3 @@ def test_training_survives_a_tracking_server_outage(tracked):
     )
     assert run.info.status == "FINISHED"
     assert client.get_model_version_by_alias(MODEL, "champion")  # registry still answers
-
-
-def test_resubmitting_a_job_continues_its_mlflow_run(tracked):
-    client = tracked["client"]
-    first = tracked_job(tracked, "again", epochs=1, lr=0.05)
-    driver.run(first)
-    longer = yaml.safe_load(yaml.safe_dump(first.model_dump(mode="json")))
-    longer["schedule"]["epochs"] = 2
-    driver.run(as_spec(longer))
-    experiment = client.get_experiment_by_name("digits").experiment_id
-    runs = client.search_runs([experiment], "tags.`wrn_cluster.job_name` = 'again'")
-    assert len(runs) == 1
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1")] == [1, 2]
-    newest = max(bucket().glob("checkpoints/again-runs/again/checkpoint_*/state.pt"))
-    with bucket().open(newest) as handle:
-        assert torch.load(handle, weights_only=True)["mlflow_run_id"] == runs[0].info.run_id

@@ -39,29 +39,35 @@ def final_state(storage: Path, name: str) -> dict:
     return torch.load(newest, weights_only=True)
 
 
-def test_wrn_learns_sklearn_digits_with_two_workers(digits, tmp_path, local_ray):
-    spec = as_spec(digits_job(digits, tmp_path))
+# fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check.
+DETERMINISTIC = {"precision": {"dtype": "fp32"}, "schedule": {"epochs": 4}}
+DETERMINISTIC["data"] = {"batch_size": 32}  # more steps per epoch: the kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory, local_ray):
+    """One uninterrupted run: what the digits job learns, and what a resumed run must match."""
+    storage = tmp_path_factory.mktemp("reference")
+    spec = as_spec(digits_job(digits, storage, name="ref", **DETERMINISTIC))
     driver.prepare(spec)
-    result = driver.run(spec)
-    assert result.metrics["epoch"] == 8
+    return driver.run(spec), storage
+
+
+def test_wrn_learns_sklearn_digits_with_two_workers(reference):
+    result, storage = reference
+    assert result.metrics["epoch"] == 4
     assert result.metrics["val_top1"] >= 0.95, result.metrics
     # Every validation image counted exactly once across the two workers.
-    state = final_state(tmp_path, "digits")
-    assert state["epoch"] == 8 and state["resumes"] == []
-    assert len(list((tmp_path / "digits").glob("checkpoint_*/"))) == 2  # keep: 2
+    state = final_state(storage, "ref")
+    assert state["epoch"] == 4 and state["resumes"] == []
+    assert len(list((storage / "ref").glob("checkpoint_*/"))) == 2  # keep: 2
 
 
 def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
-    digits, tmp_path, local_ray
+    digits, tmp_path, reference
 ):
-    # fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check.
-    deterministic = {"precision": {"dtype": "fp32"}, "schedule": {"epochs": 4}}
-    deterministic["data"] = {"batch_size": 32}  # more steps per epoch: the kill lands mid-run
-    reference = as_spec(digits_job(digits, tmp_path / "ref", name="ref", **deterministic))
-    driver.run(reference)
-
     job = digits_job(
-        digits, tmp_path / "faulty", name="faulty", checkpoint={"max_failures": 2}, **deterministic
+        digits, tmp_path / "faulty", name="faulty", checkpoint={"max_failures": 2}, **DETERMINISTIC
     )
     job["checkpoint"]["storage"] = str(tmp_path / "faulty")
     spec_file = tmp_path / "faulty.yaml"
@@ -83,7 +89,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
 
     resumed, uninterrupted = (
         final_state(tmp_path / "faulty", "faulty"),
-        final_state(tmp_path / "ref", "ref"),
+        final_state(reference[1], "ref"),
     )
     assert len(resumed["resumes"]) == 1 and 1 <= resumed["resumes"][0] < 4, output
     assert resumed["epoch"] == uninterrupted["epoch"] == 4
