@@ -307,13 +307,15 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
         rows.append(("steps per epoch", f"{about}{steps} ({train_images} training images)"))
     if isinstance(spec, TuneJob):
         rows.append(("search", "each trial runs this plan with its own searched values"))
-    rows.append(
-        (
-            "checkpoints",
-            f"{saves} (every {'epoch' if every == 1 else f'{every} epochs'} and the last; newest "
-            f"{min(spec.checkpoint.keep, saves)} kept) in {where}",
-        )
-    )
+    epochs_part = f"every {'epoch' if every == 1 else f'{every} epochs'} and the last"
+    keep = f"newest {min(spec.checkpoint.keep, saves)} kept"
+    if spec.checkpoint.every_steps:  # then also inside epochs: their count depends on the data
+        saves_part = f"{saves} at epoch ends"
+        epochs_part += f", plus every {spec.checkpoint.every_steps} steps inside an epoch"
+        keep = f"newest {spec.checkpoint.keep} of both kinds kept"
+    else:
+        saves_part = f"{saves}"
+    rows.append(("checkpoints", f"{saves_part} ({epochs_part}; {keep}) in {where}"))
     if spec.tracking.enabled:
         model = spec.tracking.registered_model
         rows.append(

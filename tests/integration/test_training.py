@@ -4,6 +4,7 @@ tests/unit/test_training.py; the Jobs API path is in tests/e2e/test_jobs_api.py.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,9 +40,12 @@ def final_state(storage: Path, name: str) -> dict:
     return torch.load(newest, weights_only=True)
 
 
-# fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check.
+# fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check. Dropout
+# and a loader process per worker: a resume must also restore the random streams exactly and
+# skip inside a DataLoader that asks its batch sampler for two iterators.
 DETERMINISTIC = {"precision": {"dtype": "fp32"}, "schedule": {"epochs": 4}}
-DETERMINISTIC["data"] = {"batch_size": 32}  # more steps per epoch: the kill lands mid-run
+DETERMINISTIC["data"] = {"batch_size": 32, "loader_workers": 1}  # 45 steps an epoch
+DETERMINISTIC["model"] = {"dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +67,15 @@ def test_wrn_learns_sklearn_digits_with_two_workers(reference):
     assert len(list((storage / "ref").glob("checkpoint_*/"))) == 2  # keep: 2
 
 
-def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
+def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical_weights(
     digits, tmp_path, reference
 ):
     job = digits_job(
-        digits, tmp_path / "faulty", name="faulty", checkpoint={"max_failures": 2}, **DETERMINISTIC
+        digits,
+        tmp_path / "faulty",
+        name="faulty",
+        checkpoint={"max_failures": 2, "every_steps": 10},
+        **DETERMINISTIC,
     )
     job["checkpoint"]["storage"] = str(tmp_path / "faulty")
     spec_file = tmp_path / "faulty.yaml"
@@ -80,6 +88,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
         env={**os.environ, "WRN_CLUSTER_LOCAL_CPUS": "4"},
     )
     try:
+        # The first checkpoint Ray Train registers is a step checkpoint of the first epoch.
         killed = _kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
         output, _ = proc.communicate(timeout=400)
     finally:
@@ -91,8 +100,16 @@ def test_sigkilled_worker_resumes_from_checkpoint_with_identical_weights(
         final_state(tmp_path / "faulty", "faulty"),
         final_state(reference[1], "ref"),
     )
-    assert len(resumed["resumes"]) == 1 and 1 <= resumed["resumes"][0] < 4, output
+    assert len(resumed["resumes"]) == 1, output
+    # The restarted workers continued inside the epoch, after a whole number of steps.
+    where = re.search(
+        r"\[faulty\] resumed in epoch (\d)/4 after (\d+) samples \(step (\d+)\)", output
+    )
+    assert where, output
+    epoch, samples, step = map(int, where.groups())
+    assert step % 10 == 0 and samples == (step - 45 * (epoch - 1)) * 32 > 0, where.group(0)
     assert resumed["epoch"] == uninterrupted["epoch"] == 4
+    assert resumed["step"] == uninterrupted["step"] == 4 * 45
     for key, tensor in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], tensor), key
 

@@ -237,3 +237,66 @@ def test_a_checkpoint_written_before_the_loop_was_reshaped_resumes_exactly(tmp_p
     )
     assert set(written) == KEYS_BEFORE_ISSUE_14  # what this version writes, an older one reads
     assert written["epoch"] == 4 and written["resumes"] == [1, 3]
+
+
+def test_a_step_checkpoint_resumes_inside_its_epoch_and_reads_as_the_epoch_start_elsewhere(
+    tmp_path,
+):
+    trained = _training(seed=1)
+    state = checkpoint.training_state(
+        trained,
+        arch=ARCH,
+        num_classes=CLASSES,
+        epoch=2,  # 0-based: the third epoch, 40 samples into it
+        samples_in_epoch=40,
+        seed=0,
+        rng=[checkpoint.rng_state()],
+        resumed=checkpoint.Resumed(),
+        metrics={"epoch": 3, "step": 25},
+        extra={"class_names": ["a", "b", "c", "d"]},
+    )
+    assert set(state) == KEYS_BEFORE_ISSUE_14  # an older version resumes at epoch 3's start
+    assert state["epoch"] == 2 and state["data_order"]["samples_in_epoch"] == 40
+    folder = tmp_path / "checkpoint_2026-01-01_00-00-01.000000"
+    folder.mkdir()
+    checkpoint.save(folder, state)
+    resumed = checkpoint.restore(Checkpoint(str(folder)), _training(seed=2), ARCH, CLASSES, 0)
+    assert (resumed.epoch, resumed.samples_in_epoch, resumed.resumes) == (2, 40, [2])
+
+    at_end = checkpoint.training_state(
+        trained,
+        arch=ARCH,
+        num_classes=CLASSES,
+        epoch=2,
+        seed=0,
+        rng=[checkpoint.rng_state()],
+        resumed=resumed,
+        metrics={"epoch": 3},
+        extra={},
+    )
+    assert at_end["epoch"] == 3 and "samples_in_epoch" not in at_end["data_order"]
+
+
+def test_a_rank_the_writing_run_did_not_have_keeps_its_own_random_streams(tmp_path):
+    torch.manual_seed(11)
+    written = checkpoint.rng_state()  # the one rank of the run that wrote the checkpoint
+    state = checkpoint.training_state(
+        _training(seed=1),
+        arch=ARCH,
+        num_classes=CLASSES,
+        epoch=0,
+        seed=0,
+        rng=[written],
+        resumed=checkpoint.Resumed(),
+        metrics={},
+        extra={},
+    )
+    folder = tmp_path / "checkpoint_2026-01-01_00-00-01.000000"
+    folder.mkdir()
+    checkpoint.save(folder, state)
+    for rank, expected in [(0, written["torch"]), (1, None)]:
+        fresh = _training(seed=4)
+        torch.manual_seed(12 + rank)
+        own = torch.get_rng_state().numpy().tobytes()
+        checkpoint.restore(Checkpoint(str(folder)), fresh, ARCH, CLASSES, rank=rank)
+        assert torch.get_rng_state().numpy().tobytes() == (expected or own), rank

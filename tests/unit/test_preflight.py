@@ -208,3 +208,14 @@ def test_unusable_registry_names_are_refused_before_training(embedded, tracking,
     with pytest.raises(preflight.PreflightError) as caught:
         preflight.check(spec)
     assert len(caught.value.problems) == 1 and problem in caught.value.problems[0]
+
+
+def test_the_plan_names_step_checkpoints(embedded):
+    write_imagefolder(str(embedded / "data"), classes=4, per_class=40, size=16)
+    spec = job(embedded, checkpoint={"every_steps": 50, "keep": 3})
+    result, _ = dry_run(embedded, spec)
+    assert result.exit_code == 0, result.output
+    assert (
+        "3 at epoch ends (every 2 epochs and the last, plus every 50 steps inside an epoch; "
+        "newest 3 of both kinds kept)"
+    ) in result.stdout

@@ -29,3 +29,20 @@ def test_bad_search_spaces_are_one_message_each():
     bad_depth = yaml.safe_dump({**base, "tune": {"space": {"model.depth": {"grid": [11]}}}})
     with pytest.raises(Exception, match="depth 11 is not valid"):
         parse(bad_depth, "t.yaml")
+
+
+def test_step_checkpoints_in_a_search_are_refused_with_the_field_and_the_fix():
+    text = yaml.safe_dump(
+        {
+            "kind": "tune",
+            "name": "t",
+            "data": {"dataset": "cifar10", "url": "/d"},
+            "schedule": {"epochs": 10, "milestones": [5]},
+            "checkpoint": {"every_steps": 100},
+            "tune": {"space": {"optimizer.lr": {"grid": [0.1]}}},
+        }
+    )
+    with pytest.raises(Exception) as caught:
+        parse(text, "t.yaml")
+    message = str(caught.value)
+    assert "checkpoint.every_steps" in message and "remove checkpoint.every_steps" in message

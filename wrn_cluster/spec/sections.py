@@ -172,6 +172,12 @@ class CheckpointSection(Section):
         None, description="fsspec URL for Ray Train storage; <home>/runs when left out."
     )
     every_epochs: int = Field(1, ge=1)
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint every N optimizer steps inside an epoch; a resume continues "
+        "with the epoch's next sample.",
+    )
     keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
     upload_attempts: int = Field(

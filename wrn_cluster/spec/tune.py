@@ -103,6 +103,12 @@ class TuneJob(ClassifyJob):
     @model_validator(mode="after")
     def _space_fits_the_base(self) -> TuneJob:
         """Every searched field exists, and every grid/choice value makes a valid trial."""
+        if self.checkpoint.every_steps:
+            raise FieldError(
+                "checkpoint.every_steps",
+                f"{self.checkpoint.every_steps}: a search checkpoints its trials at the end of an "
+                "epoch (ASHA counts each report as an epoch); remove checkpoint.every_steps",
+            )
         for key, dim in self.tune.space.items():
             if key in ARCH_PARTS:
                 continue

@@ -2,8 +2,9 @@
 a checkpoint proves it is complete.
 
 ``training_state`` and ``restore`` own the state's keys: the network, optimizer, schedule and
-scaler, the epoch and step, every rank's random streams, the data order, the resumes so far,
-the MLflow run, the epoch's metrics, and what the task adds (class names, COCO categories).
+scaler, the epoch and step, every rank's random streams, the data order (with, for a checkpoint
+taken inside an epoch, the samples of that epoch already trained), the resumes so far, the
+MLflow run, the report's metrics, and what the task adds (class names, COCO categories).
 
 ``save`` writes the state, then a manifest of every file's size and SHA-256, last: a checkpoint
 without a manifest, or whose files differ from it, was cut short or damaged, and ``load`` refuses
@@ -110,9 +111,12 @@ class Training:
 
 @dataclass
 class Resumed:
-    """Where a job stands when its workers start: 0 and no run for a fresh one."""
+    """Where a job stands when its workers start: 0 and no run for a fresh one. ``epoch`` is
+    the epochs finished; ``samples_in_epoch`` those of the next epoch already trained (a step
+    checkpoint's; 0 after an epoch's end)."""
 
     epoch: int = 0
+    samples_in_epoch: int = 0
     resumes: list[int] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -125,7 +129,8 @@ def restore(
     rank: int,
 ) -> Resumed:
     """Load the job's latest complete checkpoint (if any) into ``training`` and this rank's
-    random streams; every rank loads the same weights, so DDP's copies agree."""
+    random streams; every rank loads the same weights, so DDP's copies agree. A rank the
+    writing run did not have (the job came back with more workers) keeps its own streams."""
     if found is None:
         return Resumed()
     state = load_latest(found, arch, num_classes)
@@ -133,8 +138,14 @@ def restore(
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
     training.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][rank])
-    return Resumed(state["epoch"], [*state["resumes"], state["epoch"]], state.get("mlflow_run_id"))
+    if rank < len(state["rng"]):
+        set_rng_state(state["rng"][rank])
+    return Resumed(
+        epoch=state["epoch"],
+        samples_in_epoch=int(state.get("data_order", {}).get("samples_in_epoch", 0)),
+        resumes=[*state["resumes"], state["epoch"]],
+        mlflow_run_id=state.get("mlflow_run_id"),
+    )
 
 
 def is_due(epoch: int, epochs: int, every_epochs: int) -> bool:
@@ -162,8 +173,15 @@ def training_state(
     resumed: Resumed,
     metrics: dict[str, Any],
     extra: dict[str, Any],
+    samples_in_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Everything a resume needs after the 0-based ``epoch``, plus the task's ``extra``."""
+    """Everything a resume needs, plus the task's ``extra``: after the 0-based ``epoch``, or,
+    with ``samples_in_epoch``, after that many samples of it (a step checkpoint). The keys are
+    those older versions wrote; one of them reads a step checkpoint as its epoch's start."""
+    done = epoch if samples_in_epoch else epoch + 1
+    order = {"seed": seed, "next_epoch": done}
+    if samples_in_epoch:
+        order["samples_in_epoch"] = samples_in_epoch
     return {
         "arch": arch,
         "num_classes": num_classes,
@@ -171,10 +189,10 @@ def training_state(
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),
-        "epoch": epoch + 1,
+        "epoch": done,
         "step": training.scheduler.last_epoch,
         "rng": rng,
-        "data_order": {"seed": seed, "next_epoch": epoch + 1},
+        "data_order": order,
         "resumes": resumed.resumes,
         "mlflow_run_id": resumed.mlflow_run_id,
         "metrics": metrics,

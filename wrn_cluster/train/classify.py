@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 
 from wrn_cluster import data
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob
 from wrn_cluster.train import metrics, optim, precision
+from wrn_cluster.train.order import ResumableBatches, loader_generator
 
 SUMS = metrics.CLASSIFY_SUMS
 
@@ -64,8 +65,8 @@ def loaders(
     rank: int,
     world: int,
     device: torch.device,
-) -> tuple[DistributedSampler, DataLoader, DataLoader]:
-    """(sampler, train loader, val loader) for this rank."""
+) -> tuple[ResumableBatches, DataLoader, DataLoader]:
+    """(the train loader's batches, train loader, val loader) for this rank."""
     workers = spec.data.loader_workers
     options = {
         "num_workers": workers,
@@ -73,18 +74,18 @@ def loaders(
         # Workers live across epochs (no re-fork, S3 connections kept); the datasets keep
         # their epoch in shared memory, so each epoch's augmentation still differs.
         "persistent_workers": workers > 0,
+        "generator": loader_generator(spec.seed, rank),
     }
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
-    train_loader = DataLoader(
-        train_set, batch_size=spec.per_worker_batch, sampler=sampler, drop_last=False, **options
-    )
+    batches = ResumableBatches(BatchSampler(sampler, spec.per_worker_batch, drop_last=False))
+    train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank evaluates a disjoint slice, so no image is counted twice.
     val_loader = DataLoader(
         Subset(val_set, range(rank, len(val_set), world)),
         batch_size=spec.per_worker_batch * 2,
         **options,
     )
-    return sampler, train_loader, val_loader
+    return batches, train_loader, val_loader
 
 
 def to_input(

@@ -26,6 +26,7 @@ from wrn_cluster.models import detection as detection_models
 from wrn_cluster.spec import DetectJob
 from wrn_cluster.train import checkpoint, metrics, optim, precision
 from wrn_cluster.train.classify import Parts
+from wrn_cluster.train.order import ResumableBatches, loader_generator
 
 LOSSES = metrics.DETECTION_LOSSES
 SUMS = metrics.DETECT_SUMS
@@ -115,26 +116,29 @@ def loaders(
     rank: int,
     world: int,
     device: torch.device,
-) -> tuple[DistributedSampler, DataLoader, DataLoader]:
-    """(sampler, train loader, val loader) for this rank; batches are lists of images."""
+) -> tuple[ResumableBatches, DataLoader, DataLoader]:
+    """(the train loader's batches, train loader, val loader) for this rank; batches are lists
+    of images."""
     workers = spec.data.loader_workers
     options = {
         "num_workers": workers,
         "pin_memory": device.type == "cuda",
         "persistent_workers": workers > 0,
         "collate_fn": coco.collate,
+        "generator": loader_generator(spec.seed, rank),
     }
     batch = spec.per_worker_batch
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
-    if spec.data.group_aspect_ratio:
-        batches = coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)
-    else:
-        batches = BatchSampler(sampler, batch, drop_last=False)
+    batches = ResumableBatches(
+        coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)
+        if spec.data.group_aspect_ratio
+        else BatchSampler(sampler, batch, drop_last=False)
+    )
     train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank detects on a disjoint slice; rank 0 scores the union.
     val_slice = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_slice, batch_size=batch, **options)
-    return sampler, train_loader, val_loader
+    return batches, train_loader, val_loader
 
 
 def evaluate(

@@ -1,5 +1,7 @@
-"""The loop each Ray Train worker runs, for classification and detection alike: resume, then per
-epoch the steps, the evaluation, and one report (with a checkpoint when one is due).
+"""The loop each Ray Train worker runs, for classification and detection alike: resume (inside
+an epoch, if a step checkpoint left off there), then per epoch the steps (with a report and
+checkpoint every ``checkpoint.every_steps``), the evaluation, and one report (with a checkpoint
+when one is due).
 
 What differs by task (datasets, network, loaders, step, evaluation) comes from
 ``train.classify`` or ``train.detect``; the loop does not know whether a search runs it.
@@ -16,7 +18,7 @@ import torch
 
 from wrn_cluster import tracking
 from wrn_cluster.spec import ClassifyJob, DetectJob
-from wrn_cluster.train import checkpoint, classify, detect, metrics, optim
+from wrn_cluster.train import checkpoint, classify, detect, metrics, optim, order
 
 # Each task module gives the loop the same pieces: SUMS, parts, step, loaders, evaluate.
 TASKS = {"classify": (ClassifyJob, classify), "detect": (DetectJob, detect)}
@@ -39,7 +41,7 @@ def train_func(config: dict[str, Any]) -> None:
     parts = task.parts(spec, rank, device)
     model = ray.train.torch.prepare_model(parts.model)
     step = task.step(spec, model, device)
-    sampler, train_loader, val_loader = task.loaders(
+    batches, train_loader, val_loader = task.loaders(
         spec, parts.train_set, parts.val_set, rank, world, device
     )
     steps_per_epoch = -(-len(train_loader) // spec.optimizer.grad_accum_steps)
@@ -48,45 +50,24 @@ def train_func(config: dict[str, Any]) -> None:
     resumed = checkpoint.restore(
         ray.train.get_checkpoint(), training, spec.model.arch, parts.num_classes, rank
     )
+    if resumed.resumes and rank == 0:
+        epochs, samples = spec.schedule.epochs, resumed.samples_in_epoch
+        line = metrics.resume_line(spec.name, epochs, resumed.epoch, samples, scheduler.last_epoch)
+        print(line, flush=True)
     tracker = None
     if rank == 0 and config.get("tracking"):
         tracker = tracking.RunTracker(spec, config["tracking"], run_id=resumed.mlflow_run_id)
         resumed.mlflow_run_id = tracker.run_id
-        if resumed.epoch == 0 and parts.params:
+        if not resumed.resumes and parts.params:
             tracker.log_params(parts.params)
     upload = checkpoint.upload_to_run(
         spec.checkpoint.upload_attempts, spec.checkpoint.upload_backoff_s
     )
     accum, log_every = spec.optimizer.grad_accum_steps, spec.tracking.log_every_steps
+    every_steps = spec.checkpoint.every_steps
 
-    for epoch in range(resumed.epoch, spec.schedule.epochs):
-        epoch_start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        parts.train_set.set_epoch(epoch)
-        model.train()
-        sums = metrics.Sums(task.SUMS)
-        for i, (inputs, targets) in enumerate(train_loader):
-            last_micro = (i + 1) % accum == 0 or i + 1 == len(train_loader)
-            loss, stats = step(inputs, targets, last_micro)
-            sums.add(stats)  # stays on the device; read once at the end of the epoch
-            if last_micro:
-                scheduler.step()
-                if tracker and scheduler.last_epoch % log_every == 0:
-                    lr = step.optimizer.param_groups[0]["lr"]
-                    step_metrics = {"step_train_loss": loss.item(), "step_lr": lr}
-                    tracker.log_metrics(step_metrics, scheduler.last_epoch)
-        train = metrics.train_metrics(
-            spec.kind, sums.read(world), time.perf_counter() - epoch_start
-        )
-        val = task.evaluate(model, val_loader, step, parts, rank, world)
-        now = time.perf_counter()
-        lr = step.optimizer.param_groups[0]["lr"]
-        report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)
-        if tracker:
-            tracker.log_metrics(report, step=epoch + 1)
-        if not checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
-            ray.train.report(report)
-            continue
+    def report_with_checkpoint(report: dict[str, Any], epoch: int, samples: int = 0) -> None:
+        """Report with a checkpoint (a collective: every rank calls it); rank 0 writes it."""
         rng = checkpoint.gather_rng_states(world)
         with tempfile.TemporaryDirectory() as directory:
             saved = None
@@ -96,6 +77,7 @@ def train_func(config: dict[str, Any]) -> None:
                     arch=spec.model.arch,
                     num_classes=parts.num_classes,
                     epoch=epoch,
+                    samples_in_epoch=samples,
                     seed=spec.seed,
                     rng=rng,
                     resumed=resumed,
@@ -105,6 +87,46 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpoint.save(directory, state)
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload)
+
+    for epoch in range(resumed.epoch, spec.schedule.epochs):
+        epoch_start = time.perf_counter()
+        # A step checkpoint's epoch continues after the micro-batches it had trained.
+        skip = 0
+        if epoch == resumed.epoch and resumed.samples_in_epoch:
+            samples = resumed.samples_in_epoch
+            skip = order.micro_batches_done(samples, spec.per_worker_batch, world)
+        batches.set_epoch(epoch, skip)
+        parts.train_set.set_epoch(epoch)
+        model.train()
+        sums = metrics.Sums(task.SUMS)
+        for i, (inputs, targets) in enumerate(train_loader, start=skip):
+            last_micro = (i + 1) % accum == 0 or i + 1 == len(train_loader)
+            loss, stats = step(inputs, targets, last_micro)
+            sums.add(stats)  # stays on the device; read once at the end of the epoch
+            if not last_micro:
+                continue
+            scheduler.step()
+            done, lr = scheduler.last_epoch, step.optimizer.param_groups[0]["lr"]
+            if tracker and done % log_every == 0:
+                tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr}, done)
+            if every_steps and done % every_steps == 0 and i + 1 < len(train_loader):
+                samples = order.samples_done((i + 1) // accum, spec.data.batch_size)
+                elapsed = time.perf_counter() - job_start
+                report = metrics.step_metrics(epoch, done, samples, loss.item(), lr, elapsed)
+                report_with_checkpoint(report, epoch, samples)
+        train = metrics.train_metrics(
+            spec.kind, sums.read(world), time.perf_counter() - epoch_start
+        )
+        val = task.evaluate(model, val_loader, step, parts, rank, world)
+        now = time.perf_counter()
+        lr = step.optimizer.param_groups[0]["lr"]
+        report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)
+        if tracker:
+            tracker.log_metrics(report, step=epoch + 1)
+        if checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
+            report_with_checkpoint(report, epoch)
+        else:
+            ray.train.report(report)
     if tracker:
         tracker.close()
 

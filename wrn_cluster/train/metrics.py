@@ -1,4 +1,5 @@
-"""Metric names, the epoch's sums of a step's stats, and the one progress line per epoch.
+"""Metric names, the epoch's sums of a step's stats, and the progress lines (one per epoch
+and one per step checkpoint).
 
 A step returns its batch's stats as one tensor on the device, in the order of its task's
 ``SUMS`` names; ``Sums`` adds them up and reads them back once per epoch, by name.
@@ -78,8 +79,39 @@ def epoch_metrics(
     }
 
 
+def step_metrics(
+    epoch: int, step: int, samples_in_epoch: int, loss: float, lr: float, elapsed_s: float
+) -> dict[str, Any]:
+    """What a step checkpoint's report holds (``epoch`` 0-based; 1-based out): where in the
+    epoch it stands, not the epoch's scores, which only its end has."""
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "samples_in_epoch": samples_in_epoch,
+        "step_train_loss": loss,
+        "lr": lr,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def resume_line(job_name: str, epochs: int, epoch: int, samples: int, step: int) -> str:
+    """A worker's line when the job continues from a checkpoint (``epoch``: epochs done)."""
+    if samples:
+        return (
+            f"[{job_name}] resumed in epoch {epoch + 1}/{epochs} after {samples} samples "
+            f"(step {step})"
+        )
+    return f"[{job_name}] resumed after epoch {epoch}/{epochs} (step {step})"
+
+
 def progress_line(job_name: str, kind: str, epochs: int, m: dict[str, Any]) -> str:
-    """The driver's line for one epoch's report."""
+    """The driver's line for one report: an epoch's scores, or where a step checkpoint stands."""
+    if "samples_in_epoch" in m:
+        return (
+            f"[{job_name}] epoch {m['epoch']}/{epochs} step {m['step']}: "
+            f"{m['samples_in_epoch']} samples in  train loss {m['step_train_loss']:.4f}  "
+            f"lr {m['lr']:.4g}"
+        )
     if kind == "detect":
         scores = f"train loss {m['train_loss']:.4f}  " + " ".join(
             f"{name} {m[name]:.3f}" for name in COCO_AP

@@ -1,0 +1,143 @@
+"""The sample order of an epoch and the mid-epoch skip of a resumed run (train/order.py), with
+torch's own samplers and DataLoaders: which samples each optimizer step trains on, for any
+number of workers, and what a run resumed from a step checkpoint trains on next."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from wrn_cluster.train import order
+
+SAMPLES, BATCH, SEED, EPOCH = 96, 8, 3, 2  # BATCH is the global batch (data.batch_size)
+
+
+class Indices(Dataset):
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def rank_batches(world: int, accum: int) -> list[order.ResumableBatches]:
+    per_worker = BATCH // (world * accum)
+    return [
+        order.ResumableBatches(
+            BatchSampler(
+                DistributedSampler(Indices(), world, rank, shuffle=True, seed=SEED),
+                per_worker,
+                drop_last=False,
+            )
+        )
+        for rank in range(world)
+    ]
+
+
+def steps(world: int, accum: int = 1, after_samples: int = 0) -> list[list[int]]:
+    """The samples of each optimizer step that ``world`` ranks train on in EPOCH, starting
+    after ``after_samples`` samples of it as a resumed run would."""
+    ranks = rank_batches(world, accum)
+    skip = order.micro_batches_done(after_samples, BATCH // (world * accum), world)
+    for batches in ranks:
+        batches.set_epoch(EPOCH, skip)
+    micro = list(zip(*(list(batches) for batches in ranks), strict=True))
+    return [
+        sorted(i for group in micro[s : s + accum] for batch in group for i in batch)
+        for s in range(0, len(micro), accum)
+    ]
+
+
+@pytest.mark.parametrize(("world", "accum"), [(1, 1), (2, 1), (4, 1), (2, 2), (1, 4)])
+def test_each_step_trains_on_the_same_samples_whatever_the_worker_count(world, accum):
+    assert steps(world, accum) == steps(1)
+    assert sorted(i for step in steps(world, accum) for i in step) == list(range(SAMPLES))
+
+
+def test_the_order_is_a_function_of_the_seed_and_the_epoch():
+    def epoch_order(epoch: int, seed: int) -> list[int]:
+        batches = order.ResumableBatches(
+            BatchSampler(DistributedSampler(Indices(), 1, 0, seed=seed), BATCH, drop_last=False)
+        )
+        batches.set_epoch(epoch)
+        return [i for batch in batches for i in batch]
+
+    assert epoch_order(EPOCH, SEED) == epoch_order(EPOCH, SEED)
+    assert epoch_order(EPOCH, SEED) != epoch_order(EPOCH + 1, SEED)
+    assert epoch_order(EPOCH, SEED) != epoch_order(EPOCH, SEED + 1)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "accum_before", "accum_after"),
+    [(2, 2, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (2, 1, 2, 1), (1, 2, 1, 2)],
+)
+def test_a_resumed_epoch_continues_with_the_next_sample_on_any_worker_count(
+    before, after, accum_before, accum_after
+):
+    uninterrupted = steps(1)
+    done = 5  # optimizer steps the killed run had checkpointed
+    trained = steps(before, accum_before)[:done]
+    samples = order.samples_done(done, BATCH)
+    resumed = steps(after, accum_after, after_samples=samples)
+    assert trained + resumed == uninterrupted
+    counts = Counter(i for step in trained + resumed for i in step)
+    assert set(counts) == set(range(SAMPLES)) and set(counts.values()) == {1}  # none twice
+
+
+def test_the_skip_holds_for_every_iterator_until_the_next_epoch():
+    batches = rank_batches(1, 1)[0]
+    batches.set_epoch(EPOCH, skip=3)
+    first, second = list(batches), list(batches)
+    assert first == second and len(first) == len(batches) - 3  # len stays the whole epoch's
+    batches.set_epoch(EPOCH + 1)
+    assert len(list(batches)) == len(batches)
+
+
+def test_a_dataloader_with_loader_processes_skips_without_reading_the_skipped_samples():
+    batches = rank_batches(2, 1)[0]
+    loader = DataLoader(
+        Indices(),
+        batch_sampler=batches,
+        num_workers=2,
+        persistent_workers=True,
+        generator=order.loader_generator(SEED, 0),
+    )
+    batches.set_epoch(EPOCH)
+    whole = [t.tolist() for t in loader]
+    batches.set_epoch(EPOCH, skip=4)
+    assert [t.tolist() for t in loader] == whole[4:]
+    batches.set_epoch(EPOCH)
+    assert [t.tolist() for t in loader] == whole
+
+
+def test_loaders_with_their_own_generator_leave_the_global_stream_alone():
+    """A checkpoint restores torch's global stream mid-epoch; a loader that drew from it when
+    its epoch starts would shift dropout after a resume."""
+    loader = DataLoader(Indices(), batch_size=8, generator=order.loader_generator(SEED, 1))
+    before = torch.get_rng_state()
+    list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_position_that_is_not_a_whole_micro_batch_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="keep data.batch_size as it was"):
+        order.micro_batches_done(12, 8, 1)
+    with pytest.raises(ValueError, match="cannot skip 99"):
+        rank_batches(1, 1)[0].set_epoch(0, skip=99)
+
+
+def test_a_step_checkpoint_and_a_resume_each_print_where_the_epoch_stands():
+    from wrn_cluster.train import metrics
+
+    report = metrics.step_metrics(1, 120, 3840, 1.23456, 0.1, 55.0)
+    line = metrics.progress_line("digits", "classify", 10, report)
+    assert line == "[digits] epoch 2/10 step 120: 3840 samples in  train loss 1.2346  lr 0.1"
+    assert metrics.resume_line("digits", 10, 1, 3840, 120) == (
+        "[digits] resumed in epoch 2/10 after 3840 samples (step 120)"
+    )
+    assert metrics.resume_line("digits", 10, 2, 0, 150) == (
+        "[digits] resumed after epoch 2/10 (step 150)"
+    )

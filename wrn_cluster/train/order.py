@@ -1,0 +1,92 @@
+"""The order in which an epoch's samples reach the steps, and how a resumed run skips the part of
+an epoch that a step checkpoint says was already trained.
+
+The order of an epoch is torch's ``DistributedSampler`` permutation for (seed, epoch). Rank r of
+w takes every w-th index of it, so micro-batch j of every rank together holds positions
+``[j * w * b, (j + 1) * w * b)`` of the permutation (b samples per rank), and optimizer step i
+holds positions ``[i * B, (i + 1) * B)`` for the global batch B, whatever the number of workers.
+A step checkpoint therefore records one number, the samples of the epoch already trained
+(``samples_done``): a resumed run on any number of workers skips that many positions and trains
+on the rest in the same order. (Aspect-ratio grouped detection batches regroup each rank's share,
+so there the exact order holds when the worker count is unchanged.)
+
+The skip happens on indices, before anything is read or decoded. torchdata's StatefulDataLoader
+keeps a state per rank and loader process instead, which cannot follow a changed worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Protocol
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Protocol):
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class BatchesOf(Protocol, Sized):
+    """A batch sampler over a distributed sampler: BatchSampler or coco.GroupedBatchSampler."""
+
+    sampler: EpochSampler
+
+    def __iter__(self) -> Iterator[list[int]]: ...
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """A batch sampler that can start an epoch past its first ``skip`` batches.
+
+    The skip stays set for every iterator made until the next ``set_epoch``: a DataLoader with
+    loader processes asks its batch sampler for an iterator twice before the first batch. Its
+    length is always the whole epoch's, so step counts and learning-rate schedules are those of
+    an uninterrupted run.
+    """
+
+    def __init__(self, batches: BatchesOf) -> None:
+        self.batches = batches
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start ``epoch`` (0-based) after its first ``skip`` batches of this rank."""
+        if not 0 <= skip <= len(self.batches):
+            raise ValueError(f"cannot skip {skip} of the epoch's {len(self.batches)} batches")
+        self.batches.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.batches)
+        for _ in range(self.skip):
+            next(batches, None)
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def samples_done(steps_in_epoch: int, batch_size: int) -> int:
+    """Samples of the epoch trained after ``steps_in_epoch`` optimizer steps of ``batch_size``
+    (the global batch): what a step checkpoint records."""
+    return steps_in_epoch * batch_size
+
+
+def micro_batches_done(samples: int, per_worker_batch: int, world: int) -> int:
+    """The micro-batches each of ``world`` ranks skips to continue after ``samples`` samples of
+    an epoch; refuses a count that does not fall on a whole micro-batch of every rank."""
+    micro, rest = divmod(samples, per_worker_batch * world)
+    if rest:
+        raise ValueError(
+            f"the checkpoint stopped after {samples} samples of its epoch, which {world} "
+            f"workers x {per_worker_batch} samples a micro-batch cannot continue from exactly; "
+            "keep data.batch_size as it was, with a worker count that divides it"
+        )
+    return micro
+
+
+def loader_generator(seed: int, rank: int) -> torch.Generator:
+    """The generator a rank's DataLoaders draw their loader-process seeds from. Without one, a
+    DataLoader draws from torch's global stream each time it starts an epoch, and a run resumed
+    mid-epoch (whose global stream the checkpoint restores) would be one draw off from then on:
+    dropout would differ from the uninterrupted run's."""
+    return torch.Generator().manual_seed(seed * 7919 + rank)
