@@ -3,6 +3,7 @@ started (and only those), and the digits classification job many tests submit.""
 
 import json
 import os
+import signal
 import socket
 import time
 import urllib.request
@@ -132,3 +133,42 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     write_digits_imagefolder(root, size=16)
     return root
+
+
+def final_state(storage: Path, name: str) -> dict:
+    """The newest checkpoint's state (Ray names checkpoint folders by time)."""
+    import torch
+
+    from wrn_cluster.train import checkpoint
+
+    newest = max((storage / name).glob(f"checkpoint_*/{checkpoint.STATE_FILE}"))
+    return torch.load(newest, weights_only=True)
+
+
+def kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
+    """SIGKILL a Ray Train worker as soon as Ray Train has registered the first checkpoint."""
+    deadline = time.monotonic() + 300
+    workers = []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = [
+            p.pid
+            for p in psutil.Process(proc.pid).children(recursive=True)  # this job's Ray only
+            if any("RayTrainWorker" in part for part in cmdline(p))
+        ]
+        time.sleep(0.2)
+    while workers and time.monotonic() < deadline and proc.poll() is None:
+        # Ray Train has registered a checkpoint once its manager's snapshot names one; a
+        # checkpoint folder alone may still be uploading, and a restart would not see it.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="replace"):
+            os.kill(workers[-1], signal.SIGKILL)
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone, or a zombie, meanwhile
+        return []

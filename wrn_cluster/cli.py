@@ -268,6 +268,34 @@ def data_synth_imagefolder(
     )
 
 
+@data_app.command("pack")
+def data_pack(
+    src: Annotated[
+        str, typer.Argument(help="ImageFolder URL: train/<class>/*.jpg, val/<class>/*.")
+    ],
+    dst: Annotated[str, typer.Argument(help="Where the shards go: a path, file:// or s3://.")],
+    images_per_shard: Annotated[
+        int, typer.Option(min=1, help="Images per shard; 1024 ImageNet JPEGs are about 110 MB.")
+    ] = 1024,
+    address: AddressOption = None,
+) -> None:
+    """Pack an ImageFolder dataset into shards that `data.format: shards` streams: one Ray task
+    per shard, the JPEG bytes as they are; a rerun finishes an interrupted pack."""
+    from wrn_cluster.data import DataError
+    from wrn_cluster.pack import pack
+
+    try:
+        pack(
+            src,
+            dst,
+            images_per_shard=images_per_shard,
+            address=cluster.cluster_address(address),
+            say=out.print,
+        )
+    except (DataError, OSError) as error:
+        raise fail(_first_line(error) if not isinstance(error, DataError) else str(error)) from None
+
+
 @data_app.command("synth-coco")
 def data_synth_coco(
     dest: Annotated[str, typer.Argument(help="Folder URL: a path, file:// or s3://bucket/prefix.")],
@@ -436,6 +464,32 @@ def bench_input(
     from wrn_cluster.bench import input_pipeline
 
     comparison = input_pipeline.run(images, size, batch, rounds, folder, say=_progress)
+    _report(comparison, json_path)
+
+
+@bench_app.command("input-storage")
+def bench_input_storage(
+    images: Annotated[int, typer.Option(min=8, help="Photo JPEGs (~110 KB) to read.")] = 240,
+    size: Annotated[int, typer.Option(min=8, help="Output side, as the training crop.")] = 224,
+    batch: Annotated[int, typer.Option(min=1, help="DataLoader batch.")] = 32,
+    delay_ms: Annotated[
+        int, typer.Option(min=0, help="The delay the one-line ratio compares at.")
+    ] = 20,
+    images_per_shard: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 64,
+    rounds: RoundsOption = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Images/s of one loader process from S3 (moto, +0/20/60 ms a request) and from disk:
+    one GET per image vs streamed shards."""
+    from wrn_cluster.bench import input_storage
+
+    delays = tuple(sorted({0, 20, 60, delay_ms}))
+    try:
+        comparison = input_storage.run(
+            images, size, batch, rounds, delays, delay_ms, images_per_shard, say=_progress
+        )
+    except ValueError as error:
+        raise fail(str(error)) from None
     _report(comparison, json_path)
 
 

@@ -127,6 +127,10 @@ def _failure(spec: ClassifyJob | DetectJob, error: BaseException) -> str:
         first = failures[min(failures)]
         cause = getattr(first, "cause", None) or first
     text = " ".join(str(cause).split())
+    if "Original Traceback" in str(cause):  # re-raised from a DataLoader process: its last line
+        last = str(cause).strip().splitlines()[-1]
+        name, _, message = last.partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}"
     if isinstance(cause, OSError) and "AWS Error" in text:  # Ray Train's own storage writes
         return (
             f"the checkpoint storage {spec.checkpoint.storage_url()} stopped answering "

@@ -99,7 +99,12 @@ def _check_data(spec: Spec, report: Report) -> int | None:
         )
     else:
         counted = f", {found.train_images} training images" if found.train_images else ""
-        report.checks.append(("data", f"{url}: {spec.data.dataset}{counted}"))
+        packed = (
+            " in shards (manifest and every shard's size checked)"
+            if getattr(spec.data, "format", "files") == "shards"
+            else ""
+        )
+        report.checks.append(("data", f"{url}: {spec.data.dataset}{packed}{counted}"))
     return found.train_images
 
 

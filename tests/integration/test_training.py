@@ -5,19 +5,16 @@ tests/unit/test_training.py; the Jobs API path is in tests/e2e/test_jobs_api.py.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 
 from tests.datasets import write_digits_imagefolder
-from tests.util import as_spec, digits_job
+from tests.util import as_spec, digits_job, final_state, kill_a_worker_after_first_checkpoint
 from tests.util import digits as digits
 from wrn_cluster import driver
 from wrn_cluster.train import checkpoint
@@ -32,12 +29,6 @@ def local_ray():
     ray.init(num_cpus=4, object_store_memory=128 * 1024**2, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-def final_state(storage: Path, name: str) -> dict:
-    """The newest checkpoint's state (Ray names checkpoint folders by time)."""
-    newest = max((storage / name).glob(f"checkpoint_*/{checkpoint.STATE_FILE}"))
-    return torch.load(newest, weights_only=True)
 
 
 # fp32 on the CPU with fixed seeds is bitwise reproducible, so equality is the check. Dropout
@@ -89,7 +80,7 @@ def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical
     )
     try:
         # The first checkpoint Ray Train registers is a step checkpoint of the first epoch.
-        killed = _kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
+        killed = kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
         output, _ = proc.communicate(timeout=400)
     finally:
         proc.kill()
@@ -112,35 +103,6 @@ def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical
     assert resumed["step"] == uninterrupted["step"] == 4 * 45
     for key, tensor in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], tensor), key
-
-
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
-    """SIGKILL a Ray Train worker as soon as Ray Train has registered the first checkpoint."""
-    deadline = time.monotonic() + 300
-    workers = []
-    while not workers and time.monotonic() < deadline and proc.poll() is None:
-        workers = [
-            p.pid
-            for p in psutil.Process(proc.pid).children(recursive=True)  # this job's Ray only
-            if any("RayTrainWorker" in part for part in _cmdline(p))
-        ]
-        time.sleep(0.2)
-    while workers and time.monotonic() < deadline and proc.poll() is None:
-        # Ray Train has registered a checkpoint once its manager's snapshot names one; a
-        # checkpoint folder alone may still be uploading, and a restart would not see it.
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="replace"):
-            os.kill(workers[-1], signal.SIGKILL)
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # gone, or a zombie, meanwhile
-        return []
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, local_ray):

@@ -139,5 +139,5 @@ def test_a_step_checkpoint_and_a_resume_each_print_where_the_epoch_stands():
         "[digits] resumed in epoch 2/10 after 3840 samples (step 120)"
     )
     assert metrics.resume_line("digits", 10, 2, 0, 150) == (
-        "[digits] resumed after epoch 2/10 (step 150)"
+        "[digits] resumed at the start of epoch 3/10 (step 150)"
     )

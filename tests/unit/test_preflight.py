@@ -219,3 +219,24 @@ def test_the_plan_names_step_checkpoints(embedded):
         "3 at epoch ends (every 2 epochs and the last, plus every 50 steps inside an epoch; "
         "newest 3 of both kinds kept)"
     ) in result.stdout
+
+
+def test_the_plan_checks_packed_shards_and_names_a_missing_one(embedded):
+    from wrn_cluster.data import shards
+
+    write_imagefolder(str(embedded / "files"), classes=4, per_class=40, size=16)
+    shards.pack_here(str(embedded / "files"), str(embedded / "data"), 50)
+    spec = job(embedded, data={"format": "shards"})
+    result, _ = dry_run(embedded, spec)
+    assert result.exit_code == 0, result.output
+    data = embedded / "data"
+    assert (
+        f"{data}: imagefolder in shards (manifest and every shard's size checked), 120 "
+        "training images"
+    ) in result.stdout
+    (data / "train" / "shard.00001.mds").unlink()
+    result, _ = dry_run(embedded, spec)
+    assert result.exit_code == 1
+    assert f"{data}/train/shard.00001.mds: the shard is missing; pack the dataset again" in (
+        result.output
+    )

@@ -219,3 +219,23 @@ def test_schema_command_matches_the_models():
         jsonschema.validate(
             {"kind": "classify", "name": "x", "data": {"url": "/d", "nope": 1}}, schema
         )
+
+
+def test_shards_are_read_for_imagefolder_datasets_only_with_the_fix():
+    good = parse(
+        "kind: classify\nname: s\nmodel: {arch: wrn-50-2}\n"
+        "data: {dataset: imagefolder, format: shards, url: s3://datasets/imagenet-shards}\n"
+    )
+    assert (good.data.format, good.data.canonical_nodes) == ("shards", 8)
+    with pytest.raises(SpecError) as caught:
+        parse(
+            "kind: classify\nname: s\ndata: {dataset: cifar10, format: shards, url: /d}\n", "s.yaml"
+        )
+    [problem] = caught.value.problems
+    assert "data.format: shards are packed from an imagefolder dataset, not cifar10" in str(problem)
+    with pytest.raises(SpecError, match="data.synthesize: synthetic data is written as files"):
+        parse(
+            "kind: classify\nname: s\nmodel: {arch: wrn-50-2}\ndata: {dataset: imagefolder, "
+            "format: shards, url: /d, synthesize: {classes: 2}}\n",
+            "s.yaml",
+        )

@@ -9,11 +9,14 @@ normalizes them on the device with ``spec.data.mean_std()``.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from wrn_cluster.data import cifar, coco, imagefolder, synthetic
+from wrn_cluster.data import cifar, coco, imagefolder, shards, synthetic
 from wrn_cluster.data.base import DataError, Prepared
 from wrn_cluster.data.storage import access_errors
 from wrn_cluster.spec.datasets import DATASET_FACTS
@@ -55,6 +58,9 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
     with _reading(data.url):
         if data.dataset == "coco":
             return coco.prepare(spec, write)
+        if getattr(data, "format", "files") == "shards":
+            manifest = shards.check(data.url, spec.model.num_classes)
+            return Prepared(manifest["splits"]["train"]["samples"], synthetic=False)
         if data.dataset == "imagefolder":
             synth = data.synthesize
             if synth is not None and imagefolder.is_missing_or_empty(data.url):
@@ -87,18 +93,55 @@ def num_classes(spec: ClassifyJob) -> int:
     fixed = DATASET_FACTS[spec.data.dataset].num_classes
     if fixed:
         return fixed
+    if spec.data.format == "shards":
+        return len(shards.read_manifest(spec.data.url)["classes"])
 
     return len(imagefolder.scan(spec.data.url)[0])
 
 
-def build_datasets(spec: ClassifyJob) -> tuple[Dataset, Dataset, list[str]]:
+def shard_cache(spec: ClassifyJob, attempt: str) -> str:
+    """This node's cache folder for the job's shards, one per attempt of the job (Streaming
+    refuses a folder that another, perhaps killed, reader registered)."""
+    root = spec.data.shard_cache or os.path.join(tempfile.gettempdir(), "wrn-cluster-shards")
+    return os.path.join(root, spec.name, attempt)
+
+
+def clear_other_attempts(cache: str) -> None:
+    """Delete the shard caches of this job's earlier attempts on this node (one run of a job
+    name at a time, so they are dead); the node's first rank does it."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    job_root, mine = os.path.split(cache)
+    if os.path.isdir(job_root):
+        for name in os.listdir(job_root):
+            if name != mine:
+                shutil.rmtree(os.path.join(job_root, name), ignore_errors=True)
+
+
+def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names); items are (uint8 [3, S, S], label), label -1 for a bad image.
 
     Train datasets have ``set_epoch(epoch)``: augmentation depends on (spec.seed, epoch, index)
-    only, so it is the same for any number of DataLoader workers or DDP ranks.
+    only, so it is the same for any number of DataLoader workers or DDP ranks. Packed shards
+    (``data.format: shards``) give a stream instead (``shards.ShardStream``), cached in
+    ``shard_cache(spec, attempt)``.
     """
     data = spec.data
     with _reading(data.url):
+        if data.format == "shards":
+            cache = shard_cache(spec, attempt)
+            clear_other_attempts(cache)
+            return shards.build(
+                data.url,
+                size=spec.image_size,
+                eval_resize=eval_resize(spec),
+                augment=spec.augment,
+                seed=spec.seed,
+                per_worker_batch=spec.per_worker_batch,
+                cache=cache,
+                cache_limit=data.shard_cache_limit,
+                canonical_nodes=data.canonical_nodes,
+            )
         if data.dataset == "imagefolder":
             return imagefolder.build(
                 data.url, spec.image_size, eval_resize(spec), spec.augment, spec.seed

@@ -20,7 +20,25 @@ from wrn_cluster.spec.sections import (
 
 
 class ClassifyData(DataSection):
-    pass
+    format: Literal["files", "shards"] = Field(
+        "files",
+        description="files: the dataset as its own files; shards: packed by `wrn-cluster data "
+        "pack` (imagefolder), streamed from its URL.",
+    )
+    shard_cache: str | None = Field(
+        None,
+        description="Each node's folder for streamed shards; <temp dir>/wrn-cluster-shards if "
+        "unset.",
+    )
+    shard_cache_limit: str | None = Field(
+        None, description="Most bytes of shards a node keeps, e.g. 200gb; unbounded if unset."
+    )
+    canonical_nodes: int = Field(
+        8,
+        ge=1,
+        description="Streaming's canonical node count: with the seed it fixes the shards' "
+        "sample order; keep it for the life of a job.",
+    )
 
 
 class ClassifyJob(
@@ -55,6 +73,17 @@ class ClassifyJob(
                 "model.dropout",
                 f"dropout is defined for the CIFAR/SVHN family only, not {self.model.arch}; "
                 "set it to 0",
+            )
+        if self.data.format == "shards" and self.data.dataset != "imagefolder":
+            raise FieldError(
+                "data.format",
+                f"shards are packed from an imagefolder dataset, not {self.data.dataset}; set "
+                "data.dataset: imagefolder or data.format: files",
+            )
+        if self.data.format == "shards" and self.data.synthesize:
+            raise FieldError(
+                "data.synthesize",
+                "synthetic data is written as files; remove it, or pack the files first",
             )
         if self.data.synthesize and self.data.dataset != "imagefolder":
             raise FieldError(

@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 
 from wrn_cluster import data
+from wrn_cluster.data.shards import ShardStream
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob
-from wrn_cluster.train import metrics, optim, precision
-from wrn_cluster.train.order import ResumableBatches, loader_generator
+from wrn_cluster.train import metrics, optim, order, precision
+from wrn_cluster.train.order import ResumableBatches, StreamBatches, loader_generator
 
 SUMS = metrics.CLASSIFY_SUMS
 
@@ -51,7 +52,9 @@ def memory_format(spec: ClassifyJob, device: torch.device) -> torch.memory_forma
 
 
 def parts(spec: ClassifyJob, rank: int, device: torch.device) -> Parts:
-    train_set, val_set, class_names = data.build_datasets(spec)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    attempt = order.attempt_token(world) if spec.data.format == "shards" else "0"
+    train_set, val_set, class_names = data.build_datasets(spec, attempt)
     num_classes = spec.model.num_classes or len(class_names)
     model = build_model(spec.model.arch, num_classes, dropout=spec.model.dropout)
     model = model.to(device, memory_format=memory_format(spec, device))
@@ -65,7 +68,7 @@ def loaders(
     rank: int,
     world: int,
     device: torch.device,
-) -> tuple[ResumableBatches, DataLoader, DataLoader]:
+) -> tuple[ResumableBatches | StreamBatches, DataLoader, DataLoader]:
     """(the train loader's batches, train loader, val loader) for this rank."""
     workers = spec.data.loader_workers
     options = {
@@ -76,9 +79,14 @@ def loaders(
         "persistent_workers": workers > 0,
         "generator": loader_generator(spec.seed, rank),
     }
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
-    batches = ResumableBatches(BatchSampler(sampler, spec.per_worker_batch, drop_last=False))
-    train_loader = DataLoader(train_set, batch_sampler=batches, **options)
+    batches: ResumableBatches | StreamBatches
+    if isinstance(train_set, ShardStream):  # the stream orders and splits the epoch itself
+        batches = StreamBatches(train_set, spec.per_worker_batch, world)
+        train_loader = DataLoader(train_set, batch_size=spec.per_worker_batch, **options)
+    else:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
+        batches = ResumableBatches(BatchSampler(sampler, spec.per_worker_batch, drop_last=False))
+        train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank evaluates a disjoint slice, so no image is counted twice.
     val_loader = DataLoader(
         Subset(val_set, range(rank, len(val_set), world)),

@@ -101,7 +101,7 @@ def resume_line(job_name: str, epochs: int, epoch: int, samples: int, step: int)
             f"[{job_name}] resumed in epoch {epoch + 1}/{epochs} after {samples} samples "
             f"(step {step})"
         )
-    return f"[{job_name}] resumed after epoch {epoch}/{epochs} (step {step})"
+    return f"[{job_name}] resumed at the start of epoch {epoch + 1}/{epochs} (step {step})"
 
 
 def progress_line(job_name: str, kind: str, epochs: int, m: dict[str, Any]) -> str:

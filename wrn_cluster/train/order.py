@@ -10,17 +10,24 @@ A step checkpoint therefore records one number, the samples of the epoch already
 on the rest in the same order. (Aspect-ratio grouped detection batches regroup each rank's share,
 so there the exact order holds when the worker count is unchanged.)
 
+Packed shards keep the same property through MosaicML Streaming, whose order is a function of
+(seed, epoch, canonical nodes) and which starts an epoch after a sample count (``StreamBatches``).
+
 The skip happens on indices, before anything is read or decoded. torchdata's StatefulDataLoader
 keeps a state per rank and loader process instead, which cannot follow a changed worker count.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sized
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from wrn_cluster.data.shards import ShardStream
 
 
 class EpochSampler(Protocol):
@@ -90,3 +97,30 @@ def loader_generator(seed: int, rank: int) -> torch.Generator:
     mid-epoch (whose global stream the checkpoint restores) would be one draw off from then on:
     dropout would differ from the uninterrupted run's."""
     return torch.Generator().manual_seed(seed * 7919 + rank)
+
+
+class StreamBatches:
+    """What ``ResumableBatches`` is for a map-style dataset, for packed shards: the stream's own
+    epoch order (Streaming's, a function of the seed and epoch), started after ``skip``
+    micro-batches of every rank, i.e. after that many samples of the whole epoch."""
+
+    def __init__(self, stream: ShardStream, per_worker_batch: int, world: int) -> None:
+        self.stream = stream
+        self.per_worker_batch = per_worker_batch
+        self.world = world
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"cannot skip {skip} of the epoch's {len(self)} batches")
+        self.stream.start_epoch(epoch, skip * self.per_worker_batch * self.world)
+
+    def __len__(self) -> int:
+        return -(-len(self.stream) // self.per_worker_batch)
+
+
+def attempt_token(world: int) -> str:
+    """One name for this attempt of the job, the same on every rank (rank 0's, broadcast)."""
+    token = [uuid.uuid4().hex[:12]]
+    if world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]

@@ -1,0 +1,223 @@
+"""Packed shards without Ray (data/shards.py): parts packed from real JPEGs (sklearn's digits),
+the manifest's counts and hashes, reruns, the stream's order and resume with MosaicML Streaming,
+and each bad input as one message. Packing on Ray, shards on moto's S3 and training from them:
+tests/integration/test_shards.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import write_digits_imagefolder
+from wrn_cluster.data import DataError, shards
+
+PER_SHARD = 400
+
+
+def pack_locally(src: Path, dst: Path) -> dict:
+    return shards.pack_here(str(src), str(dst), PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    counts = write_digits_imagefolder(root / "src", size=16)
+    victim = sorted((root / "src" / "train").glob("*/*.jpg"))[5]
+    victim.write_bytes(b"\xff\xd8\xff this is not a JPEG")
+    manifest = pack_locally(root / "src", root / "dst")
+    return root, counts, manifest, victim
+
+
+def stream(dst: Path, cache: Path, batch: int = 8):
+    return shards.build(
+        str(dst),
+        size=16,
+        eval_resize=16,
+        augment=True,
+        seed=3,
+        per_worker_batch=batch,
+        cache=str(cache),
+        cache_limit=None,
+        canonical_nodes=8,
+    )
+
+
+def test_the_manifest_counts_every_image_and_hashes_every_shard(packed):
+    root, counts, manifest, victim = packed
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert manifest["classes"] == counts["classes"] and manifest["version"] == shards.VERSION
+    assert train["samples"] == counts["train"] - 1 and train["left_out"] == 1
+    assert train["left_out_examples"] == [victim.relative_to(root / "src" / "train").as_posix()]
+    assert val["samples"] == counts["val"] and val["left_out"] == 0
+    assert len(train["shards"]) == -(-counts["train"] // PER_SHARD)
+    for shard in train["shards"] + val["shards"]:
+        data = (root / "dst" / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+    assert sum(s["samples"] for s in train["shards"]) == train["samples"]
+
+
+def test_a_rerun_packs_only_the_shard_that_is_gone(packed, tmp_path):
+    root, _, _, _ = packed
+    copy = tmp_path / "dst"
+    subprocess.run(["cp", "-r", str(root / "dst"), str(copy)], check=True)
+    (copy / "train" / "shard.00002.mds").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("*.mds")}
+    _, parts = shards.plan(str(root / "src"), PER_SHARD)
+    undone = [
+        (p.split, p.number)
+        for ps in parts.values()
+        for p in ps
+        if not shards.part_is_done(str(copy), p)
+    ]
+    assert undone == [("train", 2)]
+    pack_locally(root / "src", copy)
+    after = {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("*.mds")}
+    assert {name for name in after if after[name] != before.get(name)} == {"shard.00002.mds"}
+    assert (copy / "train" / "shard.00002.mds").read_bytes() == (
+        root / "dst" / "train" / "shard.00002.mds"
+    ).read_bytes()  # the JPEG bytes as they were, in the same order
+
+
+def test_the_stream_decodes_the_images_and_validation_sees_each_once(packed, tmp_path):
+    root, counts, _, _ = packed
+    train, val, classes = stream(root / "dst", tmp_path / "cache")
+    assert classes == counts["classes"] and len(val) == counts["val"]
+    image, label = val[0]
+    assert image.shape == (3, 16, 16) and 0 <= label < 10
+    train.start_epoch(0, 0)
+    first = list(train)
+    assert len(train) == counts["train"] - 1
+    assert len(first) == -(-len(train) // 8) * 8  # Streaming pads the epoch to whole batches
+    assert all(image.shape == (3, 16, 16) for image, _ in first[:8])
+
+
+def _order(dst: Path, cache: Path, epoch: int, after: int = 0, workers: int = 0) -> list[int]:
+    from torch.utils.data import DataLoader
+
+    train, _, _ = stream(dst, cache)
+    train.start_epoch(epoch, after)
+    # The records themselves (train.stream), to compare the samples' indices in their split.
+    loader = DataLoader(train.stream, batch_size=8, num_workers=workers, collate_fn=_indices)
+    return [index for batch in loader for index in batch]
+
+
+def _indices(records: list[dict]) -> list[int]:
+    return [int(record["index"]) for record in records]
+
+
+def test_an_epoch_resumed_after_k_samples_continues_with_sample_k(packed, tmp_path):
+    root = packed[0]
+    whole = _order(root / "dst", tmp_path / "a", epoch=2)
+    assert _order(root / "dst", tmp_path / "b", epoch=2, after=160, workers=2) == whole[160:]
+    assert _order(root / "dst", tmp_path / "c", epoch=2, workers=2) == whole  # any loader count
+    assert _order(root / "dst", tmp_path / "d", epoch=3) != whole
+
+
+RANK_SCRIPT = """
+import json, os, sys
+rank, world, dst, cache, port = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+from wrn_cluster.data import shards
+train, _, _ = shards.build(dst, size=16, eval_resize=16, augment=False, seed=3,
+                           per_worker_batch=16 // world, cache=cache, cache_limit=None,
+                           canonical_nodes=8)
+train.start_epoch(1, 0)
+print(json.dumps([int(record["index"]) for record in train.stream]))
+"""
+
+
+def _steps(dst: Path, cache: Path, world: int) -> list[list[int]]:
+    """The samples each global batch of 16 holds, with ``world`` ranks (processes) reading."""
+    with socket.socket() as probe:  # Streaming's barriers use torch.distributed
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    args = [str(world), str(dst), str(cache), port]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(rank), *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    ranks = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    per = 16 // world
+    return [
+        sorted(index for r in ranks for index in r[i * per : (i + 1) * per])
+        for i in range(len(ranks[0]) // per)
+    ]
+
+
+def test_each_global_batch_holds_the_same_samples_on_one_or_two_ranks(packed, tmp_path):
+    root = packed[0]
+    one, two = _steps(root / "dst", tmp_path / "one", 1), _steps(root / "dst", tmp_path / "two", 2)
+    assert len(one) == len(two) and one == two
+    assert len({i for step in one for i in step}) == 1437  # every readable image, some twice
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one message naming the shard and the fix
+
+
+def _copy(packed, tmp_path) -> Path:
+    copy = tmp_path / "dst"
+    subprocess.run(["cp", "-r", str(packed[0] / "dst"), str(copy)], check=True)
+    return copy
+
+
+def test_a_missing_shard_is_named_with_the_fix(packed, tmp_path):
+    copy = _copy(packed, tmp_path)
+    (copy / "val" / "shard.00000.mds").unlink()
+    with pytest.raises(DataError) as caught:
+        shards.check(str(copy))
+    assert str(caught.value) == (
+        f"{copy}/val/shard.00000.mds: the shard is missing; {shards.PACK_AGAIN}"
+    )
+
+
+def test_a_truncated_shard_is_named_with_the_fix(packed, tmp_path):
+    copy = _copy(packed, tmp_path)
+    shard = copy / "train" / "shard.00001.mds"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"train/shard.00001.mds: 1000 bytes, the manifest says"):
+        shards.check(str(copy))
+
+
+def test_a_shard_that_does_not_match_its_sha256_stops_the_read_with_its_name(packed, tmp_path):
+    copy = _copy(packed, tmp_path)
+    shard = copy / "train" / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    data[-100:] = bytes(100)  # same size: only the hash tells
+    shard.write_bytes(bytes(data))
+    shards.check(str(copy))  # sizes agree
+    train, _, _ = stream(copy, tmp_path / "cache")
+    train.start_epoch(0, 0)
+    with pytest.raises(DataError) as caught:
+        list(train)
+    assert str(caught.value).startswith(
+        f"{copy}/train/shard.00000.mds: the shard does not match its SHA-256 in the manifest"
+    ), caught.value
+
+
+def test_a_manifest_of_another_format_version_or_no_manifest_is_refused(packed, tmp_path):
+    copy = _copy(packed, tmp_path)
+    manifest = json.loads((copy / shards.MANIFEST).read_text())
+    (copy / shards.MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(DataError, match="has format version 99, this wrn-cluster reads version 1"):
+        shards.check(str(copy))
+    (copy / shards.MANIFEST).unlink()
+    with pytest.raises(DataError, match="no manifest.json; data.format shards reads a dataset"):
+        shards.check(str(copy))
+
+
+def test_shards_whose_classes_differ_from_the_model_are_refused(packed):
+    with pytest.raises(DataError) as caught:
+        shards.check(str(packed[0] / "dst"), num_classes=1000)
+    assert "the shards hold 10 classes, but model.num_classes is 1000" in str(caught.value)

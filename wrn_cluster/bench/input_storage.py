@@ -1,0 +1,187 @@
+"""`wrn-cluster bench input-storage`: training images per second of one loader process reading
+from an S3 endpoint with a fixed delay added to every request, per-image reads against shards.
+
+Baseline: today's per-image reader (``data.imagefolder``: one GET per image) from S3 with
+``--delay-ms`` (20 by default) added to each request. Project: the same images packed into
+shards (``data.shards``, streamed whole by MosaicML Streaming) from the same endpoint and delay.
+Also measured, as extras: both readers at 0, 20 and 60 ms, and both from local disk.
+
+The endpoint is moto's S3 server, started by the bench in this process behind a WSGI layer that
+sleeps before answering each request (moto is a test dependency: ``pip install moto[server]``).
+The files are the photo JPEGs of `bench input` (500x375, quality 90, about 110 KB like
+ImageNet's). Every variant decodes and augments at ``--size`` with the training transforms, in
+one process without DataLoader workers; timed in wall seconds (the waits are the point), in
+interleaved rounds. Each shard round streams into an empty cache.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from wrn_cluster.bench.common import Comparison, Say, Variant, interleave, quiet
+from wrn_cluster.bench.input_pipeline import write_photo_jpegs
+from wrn_cluster.data import imagefolder, shards
+from wrn_cluster.data.storage import filesystem
+
+BUCKET = "bench"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+
+
+class DelayedS3:
+    """moto's S3 on 127.0.0.1, each request answered ``delay_s`` late (settable while it runs)."""
+
+    def __init__(self) -> None:
+        try:
+            from moto.server import DomainDispatcherApplication, create_backend_app
+        except ImportError:
+            raise ValueError(
+                "bench input-storage starts moto's S3 server; install it: pip install "
+                "'moto[server]'"
+            ) from None
+        from werkzeug.serving import make_server
+
+        moto_app = DomainDispatcherApplication(create_backend_app, "s3")
+        self.delay_s = 0.0
+
+        def delayed(environ: dict, start_response: Callable) -> Any:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return moto_app(environ, start_response)
+
+        self.server = make_server("127.0.0.1", 0, delayed, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _count(loader: DataLoader) -> int:
+    return sum(len(labels) for _, labels in loader)
+
+
+def run(
+    images: int = 240,
+    size: int = 224,
+    batch: int = 32,
+    rounds: int = 3,
+    delays_ms: tuple[int, ...] = (0, 20, 60),
+    delay_ms: int = 20,
+    images_per_shard: int = 64,
+    seed: int = 0,
+    say: Say = quiet,
+) -> Comparison:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL_S3", *CREDENTIALS)}
+    s3 = DelayedS3()
+    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL_S3=s3.url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="wrn-bench-storage-") as scratch:
+            root = Path(scratch)
+            folder = write_photo_jpegs(root / "photos", images, seed)
+            jpeg_kb = statistics.mean(p.stat().st_size for p in folder.rglob("*.jpg")) / 1024
+            fs, _ = filesystem(f"s3://{BUCKET}")
+            fs.mkdir(BUCKET)
+            fs.put(str(folder), f"{BUCKET}/photos", recursive=True)
+            say(f"wrote {images} photo JPEGs ({jpeg_kb:.0f} KB on average) to disk and to S3")
+            for where in (str(root / "shards"), f"s3://{BUCKET}/shards"):
+                shards.pack_here(str(folder), where, images_per_shard)
+            say(f"packed them into shards of {images_per_shard} images, on disk and on S3")
+
+            rounds_done = [0]
+
+            def per_image(url: str) -> Callable[[], int]:
+                train, _, _ = imagefolder.build(url, size, round(size / 0.875), True, seed)
+                loader = DataLoader(train, batch_size=batch, shuffle=True, num_workers=0)
+                return lambda: _count(loader)
+
+            def sharded(url: str) -> Callable[[], int]:
+                def read() -> int:
+                    rounds_done[0] += 1
+                    train, _, _ = shards.build(
+                        url,
+                        size=size,
+                        eval_resize=round(size / 0.875),
+                        augment=True,
+                        seed=seed,
+                        per_worker_batch=batch,
+                        cache=str(root / "cache" / str(rounds_done[0])),  # empty every round
+                        cache_limit=None,
+                        canonical_nodes=1,
+                    )
+                    train.start_epoch(0, 0)
+                    return _count(DataLoader(train, batch_size=batch, num_workers=0))
+
+                return read
+
+            def at(delay: int, read: Callable[[], int]) -> Callable[[], int]:
+                def timed() -> int:
+                    s3.delay_s = delay / 1000
+                    return read()
+
+                return timed
+
+            runs: dict[str, Callable[[], int]] = {
+                "per-image, disk": at(0, per_image(str(folder))),
+                "shards, disk": at(0, sharded(str(root / "shards"))),
+            }
+            for delay in delays_ms:
+                runs[f"per-image, S3 +{delay} ms"] = at(delay, per_image(f"s3://{BUCKET}/photos"))
+                runs[f"shards, S3 +{delay} ms"] = at(delay, sharded(f"s3://{BUCKET}/shards"))
+            rates = interleave(runs, rounds, say)
+    finally:
+        s3.close()
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    extra: dict[str, Any] = {f"{name} img/s": round(m, 1) for name, m in medians.items()}
+    for delay in delays_ms:
+        ratio = medians[f"shards, S3 +{delay} ms"] / medians[f"per-image, S3 +{delay} ms"]
+        extra[f"shards / per-image at +{delay} ms"] = round(ratio, 2)
+    if 0 in delays_ms:
+        extra["shards from S3 (+0 ms) / shards from disk"] = round(
+            medians["shards, S3 +0 ms"] / medians["shards, disk"], 3
+        )
+    extra["jpeg_kb"] = round(jpeg_kb, 1)
+    return Comparison(
+        bench="input-storage",
+        unit="img/s",
+        baseline=Variant(
+            "baseline",
+            f"data.imagefolder, one GET per image, S3 +{delay_ms} ms a request",
+            rates[f"per-image, S3 +{delay_ms} ms"],
+        ),
+        project=Variant(
+            "project",
+            f"data.shards (MosaicML Streaming, whole shards), S3 +{delay_ms} ms a request",
+            rates[f"shards, S3 +{delay_ms} ms"],
+        ),
+        settings={
+            "images": images,
+            "size": size,
+            "batch": batch,
+            "images_per_shard": images_per_shard,
+            "delays_ms": list(delays_ms),
+        },
+        extra=extra,
+        notes=[
+            "one process, no DataLoader workers, decode + RandomResizedCrop + flip at the size; "
+            "wall-clock images/s, moto's S3 server in this process",
+        ],
+    )

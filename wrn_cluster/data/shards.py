@@ -1,0 +1,460 @@
+"""Datasets packed into shards, streamed from object storage by MosaicML Streaming.
+
+A packed dataset (``wrn-cluster data pack``) is a folder on any fsspec URL::
+
+    manifest.json               format and version, source, classes, per split: samples, images
+                                left out, and every shard's name, samples, size and SHA-256
+    train/index.json            Streaming's MDS index of the split's shards
+    train/shard.00000.mds ...   one MDS shard per part: the original JPEG bytes, label, index
+    train/parts/00000.json      a finished part's record (written after its shard: the marker)
+    val/...                     the same for val
+
+Packing works in parts of ``images_per_shard`` images, each part one shard, so a part is the
+unit of parallel work and of a rerun: a part whose record and shard are there is skipped.
+
+Reading: Streaming's StreamingDataset streams whole shards into a bounded node-local cache and
+shuffles them in blocks. Its order of an epoch is a function of the shuffle seed, the epoch and
+``num_canonical_nodes`` only, not of the number of ranks or loader processes, and it resumes
+mid-epoch from a sample count: the same property the map-style readers have (train/order.py),
+so the loop's step checkpoints hold for shards unchanged. Each record carries the sample's
+index in its split, so augmentation draws from ``item_generator(seed, epoch, index)`` as for
+files. Validation reads every sample exactly once: rank r takes samples r, r + world, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from wrn_cluster.data import imagefolder
+from wrn_cluster.data.base import DataError
+from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.data.transforms import (
+    RandomResizedCropFlip,
+    SharedEpoch,
+    decode,
+    item_generator,
+    resize_center_crop,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wrn-cluster-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+COLUMNS = {"image": "bytes", "label": "int", "index": "int"}
+MDS_LIMIT = (1 << 32) - 1
+PACK_AGAIN = (
+    "pack the dataset again with `wrn-cluster data pack SRC DST` (finished shards are kept)"
+)
+
+
+def shard_name(part: int) -> str:
+    return f"shard.{part:05d}.mds"
+
+
+def part_record_path(root: str, split: str, part: int) -> str:
+    return join(root, split, "parts", f"{part:05d}.json")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: parts of a split, each one shard
+
+
+@dataclass(frozen=True)
+class Part:
+    """``images`` (paths relative to the split folder) with their ``labels`` and their indices
+    in the split, packed into shard number ``number`` of ``split``."""
+
+    split: str
+    number: int
+    images: list[str]
+    labels: list[int]
+    first_index: int
+
+
+def plan_parts(
+    split: str, paths: list[str], labels: list[int], images_per_shard: int
+) -> list[Part]:
+    return [
+        Part(
+            split,
+            n,
+            paths[start : start + images_per_shard],
+            labels[start : start + images_per_shard],
+            start,
+        )
+        for n, start in enumerate(range(0, len(paths), images_per_shard))
+    ]
+
+
+def plan(src: str, images_per_shard: int) -> tuple[list[str], dict[str, list[Part]]]:
+    """(class names, each split's parts) of the ImageFolder dataset at ``src`` (one listing)."""
+    classes, train, val = imagefolder.scan(src)
+    parts = {
+        split: plan_parts(
+            split,
+            [os.fsdecode(path) for path in index.paths],
+            index.labels.tolist(),
+            images_per_shard,
+        )
+        for split, index in (("train", train), ("val", val))
+    }
+    return classes, parts
+
+
+def pack_here(src: str, dst: str, images_per_shard: int) -> dict[str, Any]:
+    """`wrn-cluster data pack` without Ray: the unfinished parts one after the other, here."""
+    classes, parts = plan(src, images_per_shard)
+    for split_parts in parts.values():
+        for part in split_parts:
+            if not part_is_done(dst, part):
+                pack_part(src, dst, part)
+    return finish(src, dst, classes, parts, images_per_shard)
+
+
+def part_is_done(dst: str, part: Part) -> bool:
+    """Whether a previous pack finished ``part``: its record is there and so is its shard, with
+    the size the record gives (a deleted or cut-short shard is packed again)."""
+    fs, root = filesystem(dst)
+    record_path = part_record_path(root, part.split, part.number)
+    try:
+        record = json.loads(fs.cat_file(record_path))
+        shard = fs.info(join(root, part.split, record["shard"]["name"]))
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+    return int(shard["size"]) == int(record["shard"]["bytes"])
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # PIL raises many kinds for a broken file
+        return False
+    return True
+
+
+def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
+    """Read the part's images from ``src`` (an ImageFolder URL), leave out those that do not
+    decode, write them as one MDS shard (the JPEG bytes as they are) and upload it to ``dst``,
+    then the part's record; returns the record."""
+    from streaming import MDSWriter
+
+    src_fs, src_root = filesystem(src)
+    dst_fs, dst_root = filesystem(dst)
+    split_root = join(src_root, part.split)
+    left_out: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        # One shard per part, up to MDS's limit (its offsets are 32-bit).
+        with MDSWriter(
+            out=scratch, columns=COLUMNS, size_limit=MDS_LIMIT, hashes=["sha256"]
+        ) as writer:
+            written = 0
+            for offset, (path, label) in enumerate(zip(part.images, part.labels, strict=True)):
+                data = src_fs.cat_file(join(split_root, path))
+                if not _decodes(data):
+                    left_out.append(path)
+                    continue
+                writer.write({"image": data, "label": label, "index": part.first_index + offset})
+                written += 1
+        index = json.loads(Path(scratch, "index.json").read_text())
+        name = shard_name(part.number)
+        if len(index["shards"]) > 1:
+            raise DataError(
+                f"{src}: {len(part.images)} images make a shard over MDS's 4 GiB; pack with "
+                "fewer --images-per-shard"
+            )
+        if written:
+            [entry] = index["shards"]
+            with open(os.path.join(scratch, entry["raw_data"]["basename"]), "rb") as stream:
+                shard = stream.read()
+            entry["raw_data"]["basename"] = name
+        else:  # every image of the part was unreadable: no shard, only the record
+            entry, shard = None, b""
+    if entry is not None:
+        dst_fs.makedirs(join(dst_root, part.split), exist_ok=True)
+        dst_fs.pipe_file(join(dst_root, part.split, name), shard)
+    record = {
+        "part": part.number,
+        "split": part.split,
+        "samples": written,
+        "left_out": left_out,
+        "shard": {"name": name, "bytes": len(shard), "sha256": _sha256(shard)} if entry else None,
+        "mds": entry,
+    }
+    record_path = part_record_path(dst_root, part.split, part.number)
+    dst_fs.makedirs(join(dst_root, part.split, "parts"), exist_ok=True)
+    dst_fs.pipe_file(record_path, json.dumps(record).encode())  # last: the part is finished
+    return record
+
+
+def finish(
+    src: str, dst: str, classes: list[str], parts: dict[str, list[Part]], images_per_shard: int
+) -> dict[str, Any]:
+    """Write each split's MDS index from its parts' records, then the manifest (last: a packed
+    dataset without one is unfinished); returns the manifest."""
+    fs, root = filesystem(dst)
+    splits: dict[str, Any] = {}
+    for split, split_parts in parts.items():
+        records = [
+            json.loads(fs.cat_file(part_record_path(root, split, part.number)))
+            for part in split_parts
+        ]
+        with_shard = [r for r in records if r["shard"]]
+        index = {"version": 2, "shards": [r["mds"] for r in with_shard]}
+        fs.pipe_file(join(root, split, "index.json"), json.dumps(index).encode())
+        splits[split] = {
+            "samples": sum(r["samples"] for r in records),
+            "left_out": sum(len(r["left_out"]) for r in records),
+            "left_out_examples": [p for r in records for p in r["left_out"]][:20],
+            "shards": [
+                {
+                    "name": f"{split}/{r['shard']['name']}",
+                    "samples": r["samples"],
+                    **{k: r["shard"][k] for k in ("bytes", "sha256")},
+                }
+                for r in with_shard
+            ],
+        }
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": src,
+        "kind": "imagefolder",
+        "classes": classes,
+        "images_per_shard": images_per_shard,
+        "splits": splits,
+    }
+    fs.pipe_file(join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a packed dataset (the driver, before any worker starts)
+
+
+def read_manifest(url: str) -> dict[str, Any]:
+    """The manifest of the packed dataset at ``url``; DataError if it is missing or is not one
+    this version reads."""
+    fs, root = filesystem(url)
+    path = join(root, MANIFEST)
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{url}: no {MANIFEST}; data.format shards reads a dataset packed by `wrn-cluster "
+            "data pack` (an unfinished pack writes its manifest last: run it again)"
+        ) from None
+    except ValueError as error:
+        raise DataError(f"{url}/{MANIFEST} is not JSON ({error}); {PACK_AGAIN}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{url}/{MANIFEST} is not a wrn-cluster shards manifest; {PACK_AGAIN}")
+    if manifest.get("version") != VERSION:
+        raise DataError(
+            f"{url}/{MANIFEST} has format version {manifest.get('version')}, this wrn-cluster "
+            f"reads version {VERSION}; {PACK_AGAIN} with this version"
+        )
+    return manifest
+
+
+def check(url: str, num_classes: int | None = None) -> dict[str, Any]:
+    """Read the manifest and list every shard: a missing shard, or one whose size differs from
+    the manifest (cut short or replaced), is a DataError naming it. SHA-256 is checked as each
+    shard is streamed (Streaming's ``validate_hash``). With ``num_classes`` (model.num_classes),
+    the packed classes must match it."""
+    manifest = read_manifest(url)
+    classes = manifest["classes"]
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(
+            f"{url}: the shards hold {len(classes)} classes, but model.num_classes is "
+            f"{num_classes}; leave model.num_classes out (it follows the data) or pack the "
+            "dataset the model was made for"
+        )
+    fs, root = filesystem(url)
+    for split in SPLITS:
+        listed = (
+            {
+                entry["name"].rsplit("/", 1)[-1]: int(entry["size"])
+                for entry in fs.ls(join(root, split), detail=True)
+                if entry["type"] == "file"
+            }
+            if fs.isdir(join(root, split))
+            else {}
+        )
+        for shard in manifest["splits"][split]["shards"]:
+            base = shard["name"].rsplit("/", 1)[-1]
+            if base not in listed:
+                raise DataError(f"{url}/{shard['name']}: the shard is missing; {PACK_AGAIN}")
+            if listed[base] != shard["bytes"]:
+                raise DataError(
+                    f"{url}/{shard['name']}: {listed[base]} bytes, the manifest says "
+                    f"{shard['bytes']}; the shard is truncated or was replaced; {PACK_AGAIN}"
+                )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading, in each training worker
+
+
+@contextmanager
+def damaged_shards_named(url: str) -> Iterator[None]:
+    """Streaming's "Checksum failure: <cache path>" as one DataError naming the shard."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        found = re.search(r"Checksum failure: (\S+)", str(error))
+        if not found:
+            raise
+        split, name = Path(found.group(1)).parent.name, Path(found.group(1)).name
+        raise DataError(
+            f"{url}/{split}/{name}: the shard does not match its SHA-256 in the manifest; it is "
+            f"damaged; {PACK_AGAIN}"
+        ) from None
+
+
+def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: int, **options):
+    """Streaming's StreamingDataset over one split, caching shards in ``cache``."""
+    from streaming import StreamingDataset
+
+    return StreamingDataset(
+        remote=join(url.rstrip("/"), split) if "://" in url else os.path.join(url, split),
+        local=cache,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=batch,
+        validate_hash="sha256",
+        **options,
+    )
+
+
+class ShardTransform:
+    """Decode and (for training) augment a record the way ImageFolder does its files."""
+
+    def __init__(self, size: int, eval_resize: int, augment: bool, seed: int) -> None:
+        self.size = size
+        self.eval_resize = eval_resize
+        self.augment = RandomResizedCropFlip(size) if augment else None
+        self.seed = seed
+
+    def __call__(self, record: dict[str, Any], epoch: int) -> tuple[torch.Tensor, int]:
+        data, index = record["image"], int(record["index"])
+        try:
+            if self.augment is not None:
+                image = self.augment.decoded(data, item_generator(self.seed, epoch, index))
+            else:
+                image = resize_center_crop(
+                    decode(data, self.eval_resize), self.eval_resize, self.size
+                )
+        except Exception as error:  # as for files: counted, not fatal
+            log.warning("skipping undecodable sample %d: %s", index, error)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+        return image, int(record["label"])
+
+
+class ShardStream(IterableDataset):
+    """The training split as a stream of (uint8 [3, S, S], label): the epoch's order, and the
+    position a resumed run starts from, are Streaming's (see ``start_epoch``)."""
+
+    def __init__(
+        self, url: str, stream: Any, transform: ShardTransform, canonical_nodes: int
+    ) -> None:
+        self.url = url
+        self.stream = stream
+        self.transform = transform
+        self.canonical_nodes = canonical_nodes
+        self.shared_epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shared_epoch.set(epoch)
+
+    def start_epoch(self, epoch: int, samples_done: int) -> None:
+        """The next pass is ``epoch`` (0-based), after its first ``samples_done`` samples over
+        every rank. Streaming keeps this in shared memory, so persistent loader processes see it."""
+        self.set_epoch(epoch)
+        self.stream.load_state_dict(
+            {
+                "epoch": epoch,
+                "sample_in_epoch": samples_done,
+                "num_canonical_nodes": self.canonical_nodes,
+                "shuffle_seed": self.transform.seed,
+            }
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        epoch = int(self.shared_epoch)
+        with damaged_shards_named(self.url):
+            for record in self.stream:
+                yield self.transform(record, epoch)
+
+    def __len__(self) -> int:
+        return len(self.stream)  # this rank's samples of a whole epoch
+
+
+class ShardSplit(Dataset):
+    """A split read by index (validation): item i is the split's sample i, whole shards cached."""
+
+    def __init__(self, url: str, stream: Any, transform: ShardTransform) -> None:
+        self.url = url
+        self.stream = stream
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.stream.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with damaged_shards_named(self.url):
+            return self.transform(self.stream.get_item(index), 0)
+
+
+def build(
+    url: str,
+    *,
+    size: int,
+    eval_resize: int,
+    augment: bool,
+    seed: int,
+    per_worker_batch: int,
+    cache: str,
+    cache_limit: str | None,
+    canonical_nodes: int,
+) -> tuple[ShardStream, ShardSplit, list[str]]:
+    """(train stream, val split, class names) of the packed dataset at ``url``, with the
+    shards cached under ``cache`` (this node's, one folder per split)."""
+    manifest = read_manifest(url)
+    train = _stream(
+        url,
+        "train",
+        os.path.join(cache, "train"),
+        True,
+        seed,
+        per_worker_batch,
+        num_canonical_nodes=canonical_nodes,
+        cache_limit=cache_limit,
+    )
+    val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+    return (
+        ShardStream(url, train, ShardTransform(size, eval_resize, augment, seed), canonical_nodes),
+        ShardSplit(url, val, ShardTransform(size, eval_resize, False, seed)),
+        list(manifest["classes"]),
+    )

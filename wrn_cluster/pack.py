@@ -1,0 +1,90 @@
+"""`wrn-cluster data pack SRC DST`: an ImageFolder dataset (any fsspec URL) into MDS shards on
+any fsspec URL, one Ray task per shard, on an embedded Ray or on a cluster (``--address``).
+
+The shards and their manifest are ``data.shards``'s; this module only spreads the parts over
+Ray and reports progress. A rerun skips every part whose shard and record are already there,
+so an interrupted pack finishes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wrn_cluster import cluster
+from wrn_cluster.data import shards
+from wrn_cluster.data.base import DataError
+from wrn_cluster.data.storage import access_errors
+
+
+def pack(
+    src: str,
+    dst: str,
+    *,
+    images_per_shard: int,
+    address: str | None,
+    say: Callable[[str], None],
+    cpus_per_task: float = 1.0,
+) -> dict[str, Any]:
+    """Pack ``src`` into ``dst``; returns the manifest. Raises DataError."""
+    import ray
+
+    try:
+        classes, parts = shards.plan(src, images_per_shard)
+    except access_errors() as error:
+        raise DataError(
+            f"{src}: cannot list the dataset ({type(error).__name__}: {error})"
+        ) from None
+    counts = {
+        split: sum(len(p.images) for p in split_parts) for split, split_parts in parts.items()
+    }
+    todo = [p for split in parts.values() for p in split if not shards.part_is_done(dst, p)]
+    total = sum(len(split) for split in parts.values())
+    say(
+        f"{src}: {counts['train']} train and {counts['val']} val images in {len(classes)} "
+        "classes -> "
+        f"{total} shards of up to {images_per_shard} images in {dst}"
+        + (f"; {total - len(todo)} already packed" if len(todo) < total else "")
+    )
+    started = ray.is_initialized()
+    if not started:
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(
+                num_cpus=cluster.local_cpus(),
+                object_store_memory=128 * 1024**2,
+                include_dashboard=False,
+                logging_level="WARNING",
+            )
+    try:
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=3)(shards.pack_part)
+        pending = {task.remote(src, dst, part): part for part in todo}
+        done, begin = 0, time.monotonic()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            part = pending.pop(ready[0])
+            record = ray.get(ready[0])
+            done += 1
+            size = record["shard"]["bytes"] / 1e6 if record["shard"] else 0.0
+            left = f", {len(record['left_out'])} left out" if record["left_out"] else ""
+            say(
+                f"  [{done}/{len(todo)}] {part.split} shard {part.number}: "
+                f"{record['samples']} images, {size:.1f} MB{left}  "
+                f"({time.monotonic() - begin:.0f}s)"
+            )
+    finally:
+        if not started:
+            ray.shutdown()
+    manifest = shards.finish(src, dst, classes, parts, images_per_shard)
+    for split, facts in manifest["splits"].items():
+        mb = sum(s["bytes"] for s in facts["shards"]) / 1e6
+        left = (
+            f"; {facts['left_out']} images left out (did not decode)" if facts["left_out"] else ""
+        )
+        say(
+            f"{dst}/{split}: {facts['samples']} images in {len(facts['shards'])} shards, "
+            f"{mb:.1f} MB{left}"
+        )
+    return manifest
