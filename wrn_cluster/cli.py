@@ -277,7 +277,14 @@ def data_pack(
     images_per_shard: Annotated[
         int, typer.Option(min=1, help="Images per shard; 1024 ImageNet JPEGs are about 110 MB.")
     ] = 1024,
-    address: AddressOption = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the tasks on this Ray cluster: its GCS address (head:6379), "
+            "ray://head:10001, or auto on one of its nodes (wrn-cluster installed on every "
+            "node). Default: an embedded Ray on this machine."
+        ),
+    ] = None,
 ) -> None:
     """Pack an ImageFolder dataset into shards that `data.format: shards` streams: one Ray task
     per shard, the JPEG bytes as they are; a rerun finishes an interrupted pack."""
@@ -289,7 +296,7 @@ def data_pack(
             src,
             dst,
             images_per_shard=images_per_shard,
-            address=cluster.cluster_address(address),
+            address=address,
             say=out.print,
         )
     except (DataError, OSError) as error:
@@ -469,13 +476,16 @@ def bench_input(
 
 @bench_app.command("input-storage")
 def bench_input_storage(
-    images: Annotated[int, typer.Option(min=8, help="Photo JPEGs (~110 KB) to read.")] = 240,
+    images: Annotated[int, typer.Option(min=8, help="Photo JPEGs (~105 KB) to read.")] = 640,
     size: Annotated[int, typer.Option(min=8, help="Output side, as the training crop.")] = 224,
     batch: Annotated[int, typer.Option(min=1, help="DataLoader batch.")] = 32,
     delay_ms: Annotated[
         int, typer.Option(min=0, help="The delay the one-line ratio compares at.")
     ] = 20,
     images_per_shard: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 64,
+    delays: Annotated[
+        str, typer.Option("--delays-ms", help="The added delays to measure, comma-separated.")
+    ] = "0,20,60",
     rounds: RoundsOption = 3,
     json_path: JsonOption = None,
 ) -> None:
@@ -483,10 +493,13 @@ def bench_input_storage(
     one GET per image vs streamed shards."""
     from wrn_cluster.bench import input_storage
 
-    delays = tuple(sorted({0, 20, 60, delay_ms}))
+    try:
+        measured = tuple(sorted({delay_ms, *(int(d) for d in delays.split(",") if d.strip())}))
+    except ValueError:
+        raise fail(f"--delays-ms {delays!r}: give whole milliseconds, e.g. 0,20,60") from None
     try:
         comparison = input_storage.run(
-            images, size, batch, rounds, delays, delay_ms, images_per_shard, say=_progress
+            images, size, batch, rounds, measured, delay_ms, images_per_shard, say=_progress
         )
     except ValueError as error:
         raise fail(str(error)) from None

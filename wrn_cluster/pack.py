@@ -49,8 +49,15 @@ def pack(
     )
     started = ray.is_initialized()
     if not started:
-        if address:
-            ray.init(address=address, logging_level="WARNING")
+        if address:  # the cluster's Ray itself (GCS), not its Jobs API: the tasks run there
+            try:
+                ray.init(address=address, logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise DataError(
+                    f"--address {address}: cannot join that Ray cluster ({first}); give its "
+                    "GCS address (head:6379), ray://head:10001, or auto on one of its nodes"
+                ) from None
         else:
             ray.init(
                 num_cpus=cluster.local_cpus(),
@@ -59,13 +66,28 @@ def pack(
                 logging_level="WARNING",
             )
     try:
-        task = ray.remote(num_cpus=cpus_per_task, max_retries=3)(shards.pack_part)
+        # A store that blinks fails a task; Ray runs it again (a part is rewritten whole).
+        retried = list(access_errors())
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=3, retry_exceptions=retried)(
+            shards.pack_part
+        )
         pending = {task.remote(src, dst, part): part for part in todo}
         done, begin = 0, time.monotonic()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             part = pending.pop(ready[0])
-            record = ray.get(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as error:
+                cause = error.cause if error.cause is not None else error
+                if isinstance(cause, DataError):  # says what to change; retrying will not help
+                    raise cause from None
+                first = (str(cause).strip().splitlines() or [""])[0]
+                raise DataError(
+                    f"{dst}: packing {part.split} shard {part.number} failed, retried 3 times "
+                    f"({type(cause).__name__}: {first}); run the same command again to "
+                    "continue (finished shards are kept)"
+                ) from None
             done += 1
             size = record["shard"]["bytes"] / 1e6 if record["shard"] else 0.0
             left = f", {len(record['left_out'])} left out" if record["left_out"] else ""

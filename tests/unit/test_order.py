@@ -141,3 +141,26 @@ def test_a_step_checkpoint_and_a_resume_each_print_where_the_epoch_stands():
     assert metrics.resume_line("digits", 10, 2, 0, 150) == (
         "[digits] resumed at the start of epoch 3/10 (step 150)"
     )
+
+
+def test_a_resume_inside_an_epoch_whose_order_the_spec_changed_is_refused():
+    from types import SimpleNamespace
+
+    from wrn_cluster.train.checkpoint import CheckpointError
+
+    def spec(seed=3, **data):
+        return SimpleNamespace(seed=seed, data=SimpleNamespace(format="files", **data))
+
+    recorded = {"seed": 3, **order.order_facts(spec(), 2)}
+    order.check_resume_order(recorded, spec(), 1)  # files: any worker count continues exactly
+    order.check_resume_order({"seed": 3}, spec(), 1)  # a checkpoint from before the facts
+    with pytest.raises(CheckpointError, match="came from seed 3, but the spec now gives 4"):
+        order.check_resume_order(recorded, spec(seed=4), 2)
+    grouped = {"seed": 3, **order.order_facts(spec(group_aspect_ratio=True), 2)}
+    with pytest.raises(CheckpointError, match="set scaling.workers back to 2 to resume"):
+        order.check_resume_order(grouped, spec(group_aspect_ratio=True), 1)
+    shards_spec = SimpleNamespace(seed=3, data=SimpleNamespace(format="shards", canonical_nodes=8))
+    recorded = {"seed": 3, **order.order_facts(shards_spec, 2)}
+    shards_spec.data.canonical_nodes = 4
+    with pytest.raises(CheckpointError, match="data.canonical_nodes 8, but the spec now gives 4"):
+        order.check_resume_order(recorded, shards_spec, 2)

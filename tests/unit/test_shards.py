@@ -62,6 +62,28 @@ def test_the_manifest_counts_every_image_and_hashes_every_shard(packed):
     assert sum(s["samples"] for s in train["shards"]) == train["samples"]
 
 
+def test_a_rerun_with_another_shard_size_packs_every_part_again(packed, tmp_path):
+    root = packed[0]
+    copy = tmp_path / "dst"
+    subprocess.run(["cp", "-r", str(root / "dst"), str(copy)], check=True)
+    _, parts = shards.plan(str(root / "src"), PER_SHARD // 2)
+    assert not any(shards.part_is_done(str(copy), p) for ps in parts.values() for p in ps)
+    manifest = shards.pack_here(str(root / "src"), str(copy), PER_SHARD // 2)
+    assert manifest["splits"]["train"]["samples"] == packed[2]["splits"]["train"]["samples"]
+    assert all(s["samples"] <= PER_SHARD // 2 for s in manifest["splits"]["train"]["shards"])
+
+
+def test_a_part_of_only_broken_images_is_recorded_without_a_shard_and_rerun_skips_it(tmp_path):
+    write_digits_imagefolder(tmp_path / "src", size=16)
+    for jpeg in sorted((tmp_path / "src" / "val").glob("*/*.jpg"))[:4]:
+        jpeg.write_bytes(b"not an image")
+    _, parts = shards.plan(str(tmp_path / "src"), 4)
+    first_val = parts["val"][0]
+    record = shards.pack_part(str(tmp_path / "src"), str(tmp_path / "dst"), first_val)
+    assert (record["samples"], record["shard"], len(record["left_out"])) == (0, None, 4)
+    assert shards.part_is_done(str(tmp_path / "dst"), first_val)
+
+
 def test_a_rerun_packs_only_the_shard_that_is_gone(packed, tmp_path):
     root, _, _, _ = packed
     copy = tmp_path / "dst"
@@ -84,17 +106,41 @@ def test_a_rerun_packs_only_the_shard_that_is_gone(packed, tmp_path):
     ).read_bytes()  # the JPEG bytes as they were, in the same order
 
 
-def test_the_stream_decodes_the_images_and_validation_sees_each_once(packed, tmp_path):
+def test_the_stream_decodes_the_images_and_validation_reads_each_sample_by_its_index(
+    packed, tmp_path
+):
     root, counts, _, _ = packed
     train, val, classes = stream(root / "dst", tmp_path / "cache")
     assert classes == counts["classes"] and len(val) == counts["val"]
     image, label = val[0]
     assert image.shape == (3, 16, 16) and 0 <= label < 10
+    # Item i is the split's sample i, so the ranks' slices i::world (the loaders') cover each once.
+    assert [int(val.stream.get_item(i)["index"]) for i in range(len(val))] == list(range(len(val)))
     train.start_epoch(0, 0)
     first = list(train)
     assert len(train) == counts["train"] - 1
-    assert len(first) == -(-len(train) // 8) * 8  # Streaming pads the epoch to whole batches
     assert all(image.shape == (3, 16, 16) for image, _ in first[:8])
+
+
+@pytest.mark.parametrize(("batch", "workers"), [(8, 0), (8, 2), (479, 0), (1437, 2)])
+def test_the_batches_of_an_epoch_are_counted_as_streaming_pads_them(
+    packed, tmp_path, batch, workers
+):
+    """1437 samples over 8 canonical nodes pad to 1440: a batch of 479 gets a fourth batch."""
+    from torch.utils.data import DataLoader
+
+    train, _, _ = stream(packed[0] / "dst", tmp_path / "cache", batch=batch)
+    train.start_epoch(0, 0)
+    yielded = sum(1 for _ in DataLoader(train, batch_size=batch, num_workers=workers))
+    assert train.batches_per_epoch(0, 1, 1, workers) == yielded
+    if batch == 479:
+        assert yielded == 4 > -(-len(train) // batch)
+
+
+def test_a_file_url_reads_as_its_path(packed, tmp_path):
+    train, val, _ = stream(f"file://{packed[0] / 'dst'}", tmp_path / "cache")
+    train.start_epoch(0, 0)
+    assert len(list(train)) >= len(train) and val[0][0].shape == (3, 16, 16)
 
 
 def _order(dst: Path, cache: Path, epoch: int, after: int = 0, workers: int = 0) -> list[int]:
@@ -221,3 +267,31 @@ def test_shards_whose_classes_differ_from_the_model_are_refused(packed):
     with pytest.raises(DataError) as caught:
         shards.check(str(packed[0] / "dst"), num_classes=1000)
     assert "the shards hold 10 classes, but model.num_classes is 1000" in str(caught.value)
+
+
+def test_packing_a_folder_that_is_not_there_is_one_message_and_starts_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from wrn_cluster.cli import app
+
+    result = CliRunner().invoke(app, ["data", "pack", str(tmp_path / "nope"), str(tmp_path / "d")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'nope'}: no such dataset folder" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_cache_limit_under_four_shards_is_refused_with_the_size_to_set(packed):
+    with pytest.raises(DataError) as caught:
+        shards.check(str(packed[0] / "dst"), cache_limit="100kb")
+    assert "data.shard_cache_limit 100kb holds fewer than four of its largest shards" in str(
+        caught.value
+    ) and "raise it to at least 2mb" in str(caught.value)
+    shards.check(str(packed[0] / "dst"), cache_limit="2mb")
+
+
+def test_nodes_of_unequal_workers_or_canonical_nodes_that_do_not_divide_are_refused():
+    shards.check_layout("s3://d", world=8, local_world=4, canonical_nodes=8)  # 2 nodes of 4
+    with pytest.raises(DataError, match="do not split into nodes of 8; set scaling.workers"):
+        shards.check_layout("s3://d", world=12, local_world=8, canonical_nodes=8)
+    with pytest.raises(DataError, match="data.canonical_nodes 8 and the 3 nodes the workers"):
+        shards.check_layout("s3://d", world=6, local_world=2, canonical_nodes=8)

@@ -239,3 +239,9 @@ def test_shards_are_read_for_imagefolder_datasets_only_with_the_fix():
             "format: shards, url: /d, synthesize: {classes: 2}}\n",
             "s.yaml",
         )
+    with pytest.raises(SpecError, match="'lots' is not a size; write it like 500mb, 200gb"):
+        parse(
+            "kind: classify\nname: s\nmodel: {arch: wrn-50-2}\ndata: {dataset: imagefolder, "
+            "format: shards, url: /d, shard_cache_limit: lots}\n",
+            "s.yaml",
+        )

@@ -38,7 +38,9 @@ BASELINE = (
 )
 
 
-def write_photo_jpegs(root: str | Path, count: int, seed: int = 0) -> Path:
+def write_photo_jpegs(
+    root: str | Path, count: int, seed: int = 0, quality: int = JPEG_QUALITY
+) -> Path:
     """``count`` JPEGs as root/train/<photo>/NNNNN.jpg, and two per photo in root/val/."""
     from sklearn.datasets import load_sample_images
 
@@ -53,9 +55,7 @@ def write_photo_jpegs(root: str | Path, count: int, seed: int = 0) -> Path:
             width, height = SHAPES[rng.integers(len(SHAPES))]
             folder = root / split / names[label]
             folder.mkdir(parents=True, exist_ok=True)
-            _crop_resized(photo, width, height, rng).save(
-                folder / f"{i:05d}.jpg", quality=JPEG_QUALITY
-            )
+            _crop_resized(photo, width, height, rng).save(folder / f"{i:05d}.jpg", quality=quality)
     return root
 
 

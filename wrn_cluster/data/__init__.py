@@ -10,7 +10,6 @@ normalizes them on the device with ``spec.data.mean_std()``.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +58,7 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
         if data.dataset == "coco":
             return coco.prepare(spec, write)
         if getattr(data, "format", "files") == "shards":
-            manifest = shards.check(data.url, spec.model.num_classes)
+            manifest = shards.check(data.url, spec.model.num_classes, data.shard_cache_limit)
             return Prepared(manifest["splits"]["train"]["samples"], synthetic=False)
         if data.dataset == "imagefolder":
             synth = data.synthesize
@@ -101,21 +100,10 @@ def num_classes(spec: ClassifyJob) -> int:
 
 def shard_cache(spec: ClassifyJob, attempt: str) -> str:
     """This node's cache folder for the job's shards, one per attempt of the job (Streaming
-    refuses a folder that another, perhaps killed, reader registered)."""
+    refuses a folder that another, perhaps killed, reader registered); ``shards.build`` moves
+    the earlier attempts' whole shards into it."""
     root = spec.data.shard_cache or os.path.join(tempfile.gettempdir(), "wrn-cluster-shards")
     return os.path.join(root, spec.name, attempt)
-
-
-def clear_other_attempts(cache: str) -> None:
-    """Delete the shard caches of this job's earlier attempts on this node (one run of a job
-    name at a time, so they are dead); the node's first rank does it."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    job_root, mine = os.path.split(cache)
-    if os.path.isdir(job_root):
-        for name in os.listdir(job_root):
-            if name != mine:
-                shutil.rmtree(os.path.join(job_root, name), ignore_errors=True)
 
 
 def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Dataset, list[str]]:
@@ -129,8 +117,6 @@ def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Data
     data = spec.data
     with _reading(data.url):
         if data.format == "shards":
-            cache = shard_cache(spec, attempt)
-            clear_other_attempts(cache)
             return shards.build(
                 data.url,
                 size=spec.image_size,
@@ -138,9 +124,10 @@ def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Data
                 augment=spec.augment,
                 seed=spec.seed,
                 per_worker_batch=spec.per_worker_batch,
-                cache=cache,
+                cache=shard_cache(spec, attempt),
                 cache_limit=data.shard_cache_limit,
                 canonical_nodes=data.canonical_nodes,
+                adopt=True,
             )
         if data.dataset == "imagefolder":
             return imagefolder.build(

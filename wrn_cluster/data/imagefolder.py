@@ -17,13 +17,7 @@ from torch.utils.data import Dataset
 
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
-from wrn_cluster.data.transforms import (
-    RandomResizedCropFlip,
-    SharedEpoch,
-    decode,
-    item_generator,
-    resize_center_crop,
-)
+from wrn_cluster.data.transforms import RandomResizedCropFlip, SharedEpoch, training_image
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +166,14 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = join(self.split_root, os.fsdecode(self.index.paths[index]))
+        image = None
         try:
             data = self.fs.cat_file(path)
-            if self.augment is not None:
-                image = self.augment.decoded(data, item_generator(self.seed, self.epoch, index))
-            else:
-                image = resize_center_crop(
-                    decode(data, self.eval_resize), self.eval_resize, self.size
-                )
+            item = (self.seed, self.epoch, index)
+            image = training_image(data, self.augment, item, self.eval_resize, self.size)
         except Exception as error:  # a bad file must not stop a long run; the loop counts it
             log.warning("skipping unreadable image %s: %s", path, error)
+        if image is None:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
         return image, int(self.index.labels[index])
 

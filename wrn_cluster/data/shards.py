@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,13 +44,7 @@ from torch.utils.data import Dataset, IterableDataset
 from wrn_cluster.data import imagefolder
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
-from wrn_cluster.data.transforms import (
-    RandomResizedCropFlip,
-    SharedEpoch,
-    decode,
-    item_generator,
-    resize_center_crop,
-)
+from wrn_cluster.data.transforms import RandomResizedCropFlip, SharedEpoch, training_image
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +54,8 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 COLUMNS = {"image": "bytes", "label": "int", "index": "int"}
 MDS_LIMIT = (1 << 32) - 1
+READ_AHEAD = 64  # source files read at once by a packing task
+ATTEMPT = re.compile(r"[0-9a-f]{12}")  # an attempt's cache folder (train.order.attempt_token)
 PACK_AGAIN = (
     "pack the dataset again with `wrn-cluster data pack SRC DST` (finished shards are kept)"
 )
@@ -90,6 +87,13 @@ class Part:
     images: list[str]
     labels: list[int]
     first_index: int
+
+    def digest(self) -> str:
+        """What the part holds (its images, labels and place in the split), to tell whether a
+        finished part of an earlier pack is this one: the source or --images-per-shard may
+        have changed since."""
+        text = json.dumps([self.split, self.first_index, self.images, self.labels])
+        return _sha256(text.encode())
 
 
 def plan_parts(
@@ -139,8 +143,12 @@ def part_is_done(dst: str, part: Part) -> bool:
     record_path = part_record_path(root, part.split, part.number)
     try:
         record = json.loads(fs.cat_file(record_path))
+        if record.get("plan") != part.digest():
+            return False  # another plan's part: the source or --images-per-shard changed
+        if record["shard"] is None:  # none of its images decoded: there is no shard to check
+            return record["samples"] == 0
         shard = fs.info(join(root, part.split, record["shard"]["name"]))
-    except (FileNotFoundError, ValueError, KeyError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
     return int(shard["size"]) == int(record["shard"]["bytes"])
 
@@ -170,13 +178,19 @@ def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
             out=scratch, columns=COLUMNS, size_limit=MDS_LIMIT, hashes=["sha256"]
         ) as writer:
             written = 0
-            for offset, (path, label) in enumerate(zip(part.images, part.labels, strict=True)):
-                data = src_fs.cat_file(join(split_root, path))
-                if not _decodes(data):
-                    left_out.append(path)
-                    continue
-                writer.write({"image": data, "label": label, "index": part.first_index + offset})
-                written += 1
+            for start in range(0, len(part.images), READ_AHEAD):
+                # Many GETs in flight at once (s3fs runs a list's requests concurrently): on
+                # object storage a part waits for the store's latency once per READ_AHEAD files.
+                paths = [join(split_root, p) for p in part.images[start : start + READ_AHEAD]]
+                found = src_fs.cat(paths, on_error="return")
+                for offset, path in enumerate(paths, start):
+                    data = found.get(path)  # bytes, or the error reading it
+                    if not isinstance(data, bytes) or not _decodes(data):
+                        left_out.append(part.images[offset])
+                        continue
+                    record = {"image": data, "label": part.labels[offset]}
+                    writer.write({**record, "index": part.first_index + offset})
+                    written += 1
         index = json.loads(Path(scratch, "index.json").read_text())
         name = shard_name(part.number)
         if len(index["shards"]) > 1:
@@ -197,6 +211,7 @@ def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
     record = {
         "part": part.number,
         "split": part.split,
+        "plan": part.digest(),
         "samples": written,
         "left_out": left_out,
         "shard": {"name": name, "bytes": len(shard), "sha256": _sha256(shard)} if entry else None,
@@ -277,9 +292,23 @@ def read_manifest(url: str) -> dict[str, Any]:
     return manifest
 
 
-def check(url: str, num_classes: int | None = None) -> dict[str, Any]:
+SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}  # Streaming's
+
+
+def size_in_bytes(size: str) -> int:
+    """'200gb' -> bytes, in Streaming's units (1 kb = 1024 b); the spec checks the form."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?b)", size.strip().lower())
+    if not found:
+        raise ValueError(f"{size!r} is not a size; write it like 500mb, 200gb or 2tb")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+
+
+def check(
+    url: str, num_classes: int | None = None, cache_limit: str | None = None
+) -> dict[str, Any]:
     """Read the manifest and list every shard: a missing shard, or one whose size differs from
-    the manifest (cut short or replaced), is a DataError naming it. SHA-256 is checked as each
+    the manifest (cut short or replaced), is a DataError naming it, as is a ``cache_limit``
+    (data.shard_cache_limit) under the four shards Streaming keeps. SHA-256 is checked as each
     shard is streamed (Streaming's ``validate_hash``). With ``num_classes`` (model.num_classes),
     the packed classes must match it."""
     manifest = read_manifest(url)
@@ -289,6 +318,16 @@ def check(url: str, num_classes: int | None = None) -> dict[str, Any]:
             f"{url}: the shards hold {len(classes)} classes, but model.num_classes is "
             f"{num_classes}; leave model.num_classes out (it follows the data) or pack the "
             "dataset the model was made for"
+        )
+    largest = max(
+        (shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"]),
+        default=0,
+    )
+    if cache_limit is not None and size_in_bytes(cache_limit) < 4 * largest:
+        raise DataError(
+            f"{url}: data.shard_cache_limit {cache_limit} holds fewer than four of its largest "
+            f"shards ({largest / 1e6:.2f} MB each), which Streaming needs; raise it to at least "
+            f"{-(-4 * largest // SIZE_UNITS['mb'])}mb"
         )
     fs, root = filesystem(url)
     for split in SPLITS:
@@ -333,12 +372,34 @@ def damaged_shards_named(url: str) -> Iterator[None]:
         ) from None
 
 
+def check_layout(url: str, world: int, local_world: int, canonical_nodes: int) -> None:
+    """Streaming splits an epoch over nodes of equally many ranks, and needs canonical and
+    physical nodes to divide one another; anything else is one DataError with the fix."""
+    nodes, rest = divmod(world, local_world)
+    if rest:
+        raise DataError(
+            f"{url}: shards are streamed by nodes with equally many workers, but {world} workers "
+            f"do not split into nodes of {local_world}; set scaling.workers to a multiple of the "
+            "workers per node (scaling.placement_strategy SPREAD or STRICT_PACK helps)"
+        )
+    if canonical_nodes % nodes and nodes % canonical_nodes:
+        raise DataError(
+            f"{url}: data.canonical_nodes {canonical_nodes} and the {nodes} nodes the workers "
+            "run on must divide one another; change scaling.workers, or data.canonical_nodes "
+            "for a new job (it fixes the sample order, so keep it for a resumed one)"
+        )
+
+
 def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: int, **options):
     """Streaming's StreamingDataset over one split, caching shards in ``cache``."""
     from streaming import StreamingDataset
 
+    if url.startswith("file://") or "://" not in url:  # Streaming reads local paths, not file://
+        remote = os.path.join(filesystem(url)[1], split)
+    else:
+        remote = join(url.rstrip("/"), split)
     return StreamingDataset(
-        remote=join(url.rstrip("/"), split) if "://" in url else os.path.join(url, split),
+        remote=remote,
         local=cache,
         shuffle=shuffle,
         shuffle_seed=seed,
@@ -351,23 +412,20 @@ def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: i
 class ShardTransform:
     """Decode and (for training) augment a record the way ImageFolder does its files."""
 
-    def __init__(self, size: int, eval_resize: int, augment: bool, seed: int) -> None:
+    def __init__(self, url: str, size: int, eval_resize: int, augment: bool, seed: int) -> None:
+        self.url = url
         self.size = size
         self.eval_resize = eval_resize
         self.augment = RandomResizedCropFlip(size) if augment else None
         self.seed = seed
 
     def __call__(self, record: dict[str, Any], epoch: int) -> tuple[torch.Tensor, int]:
-        data, index = record["image"], int(record["index"])
-        try:
-            if self.augment is not None:
-                image = self.augment.decoded(data, item_generator(self.seed, epoch, index))
-            else:
-                image = resize_center_crop(
-                    decode(data, self.eval_resize), self.eval_resize, self.size
-                )
-        except Exception as error:  # as for files: counted, not fatal
-            log.warning("skipping undecodable sample %d: %s", index, error)
+        index = int(record["index"])
+        image = training_image(
+            record["image"], self.augment, (self.seed, epoch, index), self.eval_resize, self.size
+        )
+        if image is None:
+            log.warning("skipping undecodable sample %d of %s", index, self.url)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
         return image, int(record["label"])
 
@@ -408,7 +466,27 @@ class ShardStream(IterableDataset):
                 yield self.transform(record, epoch)
 
     def __len__(self) -> int:
-        return len(self.stream)  # this rank's samples of a whole epoch
+        return len(self.stream)  # this rank's samples of a whole epoch, before padding
+
+    def batches_per_epoch(self, rank: int, local_world: int, world: int, workers: int) -> int:
+        """The batches a DataLoader with ``workers`` processes gets from this rank's part of an
+        epoch. Streaming pads the epoch over its canonical nodes, so this can exceed
+        ``len(self) / batch``; it is what the loop must count (last step, schedule length)."""
+        from streaming.base.partition import get_partitions
+
+        check_layout(self.url, world, local_world, self.canonical_nodes)
+        batch = self.stream.batch_size
+        ids = get_partitions(
+            self.stream.partition_algo,
+            self.stream.epoch_size,
+            self.canonical_nodes,
+            world // local_world,
+            local_world,
+            max(1, workers),
+            batch,
+        )
+        mine = ids[rank // local_world, rank % local_world]  # (workers, batches, batch)
+        return sum(-(-int((worker >= 0).sum()) // batch) for worker in mine)
 
 
 class ShardSplit(Dataset):
@@ -427,6 +505,34 @@ class ShardSplit(Dataset):
             return self.transform(self.stream.get_item(index), 0)
 
 
+def adopt_earlier_attempts(cache: str, manifest: dict[str, Any]) -> None:
+    """Move the whole shards that this job's earlier attempts cached on this node into
+    ``cache`` (a restarted worker group need not download them again), then delete their
+    folders: one run of a job name at a time, so they are dead. A shard is adopted only with
+    the size the manifest gives (a copy cut short by a kill is left to download again). The
+    node's first rank does it, before any reader opens the cache."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    job_root, mine = os.path.split(cache)
+    if not os.path.isdir(job_root):
+        return
+    sizes = {
+        shard["name"]: shard["bytes"]
+        for split in manifest["splits"].values()
+        for shard in split["shards"]
+    }
+    for name in os.listdir(job_root):
+        if name == mine or not ATTEMPT.fullmatch(name):
+            continue
+        earlier = Path(job_root, name)
+        for shard in earlier.glob("*/*.mds"):
+            relative = f"{shard.parent.name}/{shard.name}"
+            if sizes.get(relative) == shard.stat().st_size:
+                os.makedirs(os.path.join(cache, shard.parent.name), exist_ok=True)
+                os.replace(shard, os.path.join(cache, relative))
+        shutil.rmtree(earlier, ignore_errors=True)
+
+
 def build(
     url: str,
     *,
@@ -438,10 +544,15 @@ def build(
     cache: str,
     cache_limit: str | None,
     canonical_nodes: int,
+    adopt: bool = False,
 ) -> tuple[ShardStream, ShardSplit, list[str]]:
     """(train stream, val split, class names) of the packed dataset at ``url``, with the
-    shards cached under ``cache`` (this node's, one folder per split)."""
+    shards cached under ``cache`` (this node's, one folder per split). With ``adopt``,
+    ``cache`` is one attempt's folder of a job's (``data.shard_cache``), and the shards of its
+    sibling folders, the job's earlier attempts, move in first."""
     manifest = read_manifest(url)
+    if adopt:
+        adopt_earlier_attempts(cache, manifest)
     train = _stream(
         url,
         "train",
@@ -454,7 +565,9 @@ def build(
     )
     val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
     return (
-        ShardStream(url, train, ShardTransform(size, eval_resize, augment, seed), canonical_nodes),
-        ShardSplit(url, val, ShardTransform(size, eval_resize, False, seed)),
+        ShardStream(
+            url, train, ShardTransform(url, size, eval_resize, augment, seed), canonical_nodes
+        ),
+        ShardSplit(url, val, ShardTransform(url, size, eval_resize, False, seed)),
         list(manifest["classes"]),
     )

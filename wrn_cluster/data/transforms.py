@@ -204,3 +204,21 @@ def _decode_pil(data: bytes, min_side: int | None) -> torch.Tensor:
             image.draft("RGB", (min_side, min_side))
         rgb = image.convert("RGB")
     return F.pil_to_tensor(rgb)
+
+
+def training_image(
+    data: bytes,
+    augment: RandomResizedCropFlip | None,
+    item: tuple[int, int, int],
+    eval_resize: int,
+    size: int,
+) -> torch.Tensor | None:
+    """An encoded image as a model input of ``size``: augmented from the generator of ``item``
+    (seed, epoch, index), or resized and centre-cropped for evaluation; None if it does not
+    decode (the caller counts it)."""
+    try:
+        if augment is not None:
+            return augment.decoded(data, item_generator(*item))
+        return resize_center_crop(decode(data, eval_resize), eval_resize, size)
+    except Exception:  # a bad file must not stop a long run: PIL and libjpeg raise many kinds
+        return None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from wrn_cluster.spec.datasets import DATASET_FACTS
 from wrn_cluster.spec.names import parse_name
@@ -16,6 +17,7 @@ from wrn_cluster.spec.sections import (
     OptimizerSection,
     ScheduleSection,
     TrackingSection,
+    absolute_if_local,
 )
 
 
@@ -31,8 +33,19 @@ class ClassifyData(DataSection):
         "unset.",
     )
     shard_cache_limit: str | None = Field(
-        None, description="Most bytes of shards a node keeps, e.g. 200gb; unbounded if unset."
+        None,
+        description="Most bytes of training shards one job keeps on a node, e.g. 200gb; "
+        "unbounded if unset.",
     )
+    _absolute_cache = field_validator("shard_cache")(absolute_if_local)
+
+    @field_validator("shard_cache_limit")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?\s*[kmgt]?b", value.lower()):
+            raise ValueError(f"{value!r} is not a size; write it like 500mb, 200gb or 2tb")
+        return value  # data.shards.size_in_bytes reads it as Streaming does
+
     canonical_nodes: int = Field(
         8,
         ge=1,

@@ -117,6 +117,7 @@ class Resumed:
 
     epoch: int = 0
     samples_in_epoch: int = 0
+    data_order: dict[str, Any] = field(default_factory=dict)  # what fixed the order (order.py)
     resumes: list[int] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -143,6 +144,7 @@ def restore(
     return Resumed(
         epoch=state["epoch"],
         samples_in_epoch=int(state.get("data_order", {}).get("samples_in_epoch", 0)),
+        data_order=dict(state.get("data_order", {})),
         resumes=[*state["resumes"], state["epoch"]],
         mlflow_run_id=state.get("mlflow_run_id"),
     )
@@ -174,12 +176,13 @@ def training_state(
     metrics: dict[str, Any],
     extra: dict[str, Any],
     samples_in_epoch: int = 0,
+    order_facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a resume needs, plus the task's ``extra``: after the 0-based ``epoch``, or,
     with ``samples_in_epoch``, after that many samples of it (a step checkpoint). The keys are
     those older versions wrote; one of them reads a step checkpoint as its epoch's start."""
     done = epoch if samples_in_epoch else epoch + 1
-    order = {"seed": seed, "next_epoch": done}
+    order = {"seed": seed, "next_epoch": done, **(order_facts or {})}
     if samples_in_epoch:
         order["samples_in_epoch"] = samples_in_epoch
     return {

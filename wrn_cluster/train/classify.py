@@ -81,7 +81,7 @@ def loaders(
     }
     batches: ResumableBatches | StreamBatches
     if isinstance(train_set, ShardStream):  # the stream orders and splits the epoch itself
-        batches = StreamBatches(train_set, spec.per_worker_batch, world)
+        batches = StreamBatches(train_set, spec.per_worker_batch, rank, world, workers)
         train_loader = DataLoader(train_set, batch_size=spec.per_worker_batch, **options)
     else:
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)

@@ -44,12 +44,15 @@ def train_func(config: dict[str, Any]) -> None:
     batches, train_loader, val_loader = task.loaders(
         spec, parts.train_set, parts.val_set, rank, world, device
     )
-    steps_per_epoch = -(-len(train_loader) // spec.optimizer.grad_accum_steps)
+    # The batches' count, not the loader's: a stream of shards pads its epoch (order.py).
+    steps_per_epoch = -(-len(batches) // spec.optimizer.grad_accum_steps)
     scheduler = optim.build_scheduler(step.optimizer, spec, steps_per_epoch)
     training = checkpoint.Training(model, step.optimizer, scheduler, step.scaler)
     resumed = checkpoint.restore(
         ray.train.get_checkpoint(), training, spec.model.arch, parts.num_classes, rank
     )
+    if resumed.samples_in_epoch:
+        order.check_resume_order(resumed.data_order, spec, world)
     if resumed.resumes and rank == 0:
         epochs, samples = spec.schedule.epochs, resumed.samples_in_epoch
         line = metrics.resume_line(spec.name, epochs, resumed.epoch, samples, scheduler.last_epoch)
@@ -79,6 +82,7 @@ def train_func(config: dict[str, Any]) -> None:
                     epoch=epoch,
                     samples_in_epoch=samples,
                     seed=spec.seed,
+                    order_facts=order.order_facts(spec, world),
                     rng=rng,
                     resumed=resumed,
                     metrics=report,
@@ -100,7 +104,7 @@ def train_func(config: dict[str, Any]) -> None:
         model.train()
         sums = metrics.Sums(task.SUMS)
         for i, (inputs, targets) in enumerate(train_loader, start=skip):
-            last_micro = (i + 1) % accum == 0 or i + 1 == len(train_loader)
+            last_micro = (i + 1) % accum == 0 or i + 1 == len(batches)
             loss, stats = step(inputs, targets, last_micro)
             sums.add(stats)  # stays on the device; read once at the end of the epoch
             if not last_micro:
@@ -109,7 +113,7 @@ def train_func(config: dict[str, Any]) -> None:
             done, lr = scheduler.last_epoch, step.optimizer.param_groups[0]["lr"]
             if tracker and done % log_every == 0:
                 tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr}, done)
-            if every_steps and done % every_steps == 0 and i + 1 < len(train_loader):
+            if every_steps and done % every_steps == 0 and i + 1 < len(batches):
                 samples = order.samples_done((i + 1) // accum, spec.data.batch_size)
                 elapsed = time.perf_counter() - job_start
                 report = metrics.step_metrics(epoch, done, samples, loss.item(), lr, elapsed)

@@ -19,15 +19,17 @@ keeps a state per rank and loader process instead, which cannot follow a changed
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator, Sized
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from wrn_cluster.data.shards import ShardStream
+from wrn_cluster.train.checkpoint import CheckpointError
 
 
 class EpochSampler(Protocol):
@@ -104,10 +106,15 @@ class StreamBatches:
     epoch order (Streaming's, a function of the seed and epoch), started after ``skip``
     micro-batches of every rank, i.e. after that many samples of the whole epoch."""
 
-    def __init__(self, stream: ShardStream, per_worker_batch: int, world: int) -> None:
+    def __init__(
+        self, stream: ShardStream, per_worker_batch: int, rank: int, world: int, workers: int
+    ) -> None:
         self.stream = stream
         self.per_worker_batch = per_worker_batch
         self.world = world
+        # Ray Train, like torchrun, says how many ranks share this node; Streaming reads it too.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        self.batches = stream.batches_per_epoch(rank, local_world, world, workers)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         if not 0 <= skip <= len(self):
@@ -115,7 +122,7 @@ class StreamBatches:
         self.stream.start_epoch(epoch, skip * self.per_worker_batch * self.world)
 
     def __len__(self) -> int:
-        return -(-len(self.stream) // self.per_worker_batch)
+        return self.batches
 
 
 def attempt_token(world: int) -> str:
@@ -124,3 +131,38 @@ def attempt_token(world: int) -> str:
     if world > 1 and dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
     return token[0]
+
+
+def order_facts(spec: Any, world: int) -> dict[str, Any]:
+    """Besides the seed, what an epoch's order depends on, as a step checkpoint records it."""
+    facts: dict[str, Any] = {"reader": getattr(spec.data, "format", "files"), "workers": world}
+    if facts["reader"] == "shards":
+        facts["canonical_nodes"] = spec.data.canonical_nodes
+    if getattr(spec.data, "group_aspect_ratio", False):
+        facts["grouped"] = True  # detection: each rank regroups its own share
+    return facts
+
+
+ORDER_FIELDS = {"seed": "seed", "reader": "data.format", "canonical_nodes": "data.canonical_nodes"}
+
+
+def check_resume_order(recorded: dict[str, Any], spec: Any, world: int) -> None:
+    """Refuse to continue inside an epoch whose order the spec would no longer give: the rest
+    of the epoch would repeat some samples and skip others. Checkpoints that predate these
+    facts are taken as they are."""
+    now = {"seed": spec.seed, **order_facts(spec, world)}
+    changed = [
+        (field, recorded[key], now.get(key))
+        for key, field in ORDER_FIELDS.items()
+        if key in recorded and recorded[key] != now.get(key)
+    ]
+    if recorded.get("grouped") and recorded.get("workers", world) != world:
+        changed.append(("scaling.workers", recorded["workers"], world))  # each rank regroups
+    if changed:
+        field, was, is_now = changed[0]
+        raise CheckpointError(
+            f"the job's last checkpoint stopped inside an epoch whose sample order came from "
+            f"{field} {was}, but the spec now gives {is_now}; continuing there would repeat and "
+            f"skip samples: set {field} back to {was} to resume, or use another job name to "
+            "start fresh"
+        )
