@@ -70,13 +70,16 @@ def node_ports(ports: list[int]) -> list[str]:
     ]
 
 
-def stop_processes_of(temp: Path) -> None:
-    """Stop what our `ray start`s launched, by process id: every process naming our temp dir and
-    all their descendants (Ray workers, the job driver). Never `ray stop`, which would also stop
-    other Ray clusters on this machine."""
+def stop_processes_of(temp: Path, marker: str | None = None) -> None:
+    """Stop what our `ray start`s launched, by process id: every process naming our temp dir
+    (and ``marker``, e.g. one node's port, if given) and all their descendants (Ray workers, the
+    job driver). Never `ray stop`, which would also stop other Ray clusters on this machine."""
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and any(str(temp) in p for p in proc.info["cmdline"] or []):
+        cmdline = proc.info["cmdline"] or []
+        if proc.pid == os.getpid() or not any(str(temp) in p for p in cmdline):
+            continue
+        if marker is None or any(marker in p for p in cmdline):
             roots.append(proc)
     tree = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
     for proc in tree.values():

@@ -271,7 +271,11 @@ def data_synth_imagefolder(
 @data_app.command("pack")
 def data_pack(
     src: Annotated[
-        str, typer.Argument(help="ImageFolder URL: train/<class>/*.jpg, val/<class>/*.")
+        str,
+        typer.Argument(
+            help="The dataset's URL: an ImageFolder (train/<class>/*.jpg, val/<class>/*), or "
+            "a CIFAR-10/100 python release or SVHN's .mat files with --dataset."
+        ),
     ],
     dst: Annotated[str, typer.Argument(help="Where the shards go: a path, file:// or s3://.")],
     images_per_shard: Annotated[
@@ -285,9 +289,16 @@ def data_pack(
             "node). Default: an embedded Ray on this machine."
         ),
     ] = None,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="What SRC holds, as data.dataset names it: imagefolder, cifar10, cifar100, svhn."
+        ),
+    ] = "imagefolder",
 ) -> None:
-    """Pack an ImageFolder dataset into shards that `data.format: shards` streams: one Ray task
-    per shard, the JPEG bytes as they are; a rerun finishes an interrupted pack."""
+    """Pack a dataset into shards that `data.format: shards` streams: one Ray task per shard,
+    each image as the source holds it (JPEG bytes, CIFAR/SVHN pixels); a rerun finishes an
+    interrupted pack."""
     from wrn_cluster.data import DataError
     from wrn_cluster.pack import pack
 
@@ -298,6 +309,7 @@ def data_pack(
             images_per_shard=images_per_shard,
             address=address,
             say=out.print,
+            kind=dataset,
         )
     except (DataError, OSError) as error:
         raise fail(_first_line(error) if not isinstance(error, DataError) else str(error)) from None
@@ -500,6 +512,33 @@ def bench_input_storage(
     try:
         comparison = input_storage.run(
             images, size, batch, rounds, measured, delay_ms, images_per_shard, say=_progress
+        )
+    except ValueError as error:
+        raise fail(str(error)) from None
+    _report(comparison, json_path)
+
+
+@bench_app.command("checkpoint-upload")
+def bench_checkpoint_upload(
+    model: Annotated[str, typer.Option(help="Network; its weights and momentum are uploaded.")] = (
+        "wrn-16-4"
+    ),
+    images: Annotated[int, typer.Option(min=64, help="Training images (40 px JPEGs).")] = 1024,
+    batch: Annotated[int, typer.Option(min=1, help="Batch.")] = 32,
+    every_steps: Annotated[int, typer.Option(min=1, help="A step checkpoint every N steps.")] = 4,
+    delay_ms: Annotated[
+        int, typer.Option(min=0, help="Added to every request to the S3 store.")
+    ] = 400,
+    rounds: RoundsOption = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Images/s of an epoch with step checkpoints into a slow S3 (moto): each upload waited for
+    (checkpoint.upload: sync) vs in the background (async)."""
+    from wrn_cluster.bench import checkpoint_upload
+
+    try:
+        comparison = checkpoint_upload.run(
+            model, images, batch, every_steps, delay_ms, rounds, say=_progress
         )
     except ValueError as error:
         raise fail(str(error)) from None

@@ -1,5 +1,7 @@
-"""`wrn-cluster data pack SRC DST`: an ImageFolder dataset (any fsspec URL) into MDS shards on
-any fsspec URL, one Ray task per shard, on an embedded Ray or on a cluster (``--address``).
+"""`wrn-cluster data pack SRC DST`: an ImageFolder dataset or a CIFAR-10/100 or SVHN release
+(any fsspec URL) into MDS shards on any fsspec URL, one Ray task per shard, on an embedded Ray
+or on a cluster (``--address``). A release's images are read here once and put in Ray's object
+store; each task reads its split's array from there without a copy.
 
 The shards and their manifest are ``data.shards``'s; this module only spreads the parts over
 Ray and reports progress. A rerun skips every part whose shard and record are already there,
@@ -24,25 +26,32 @@ def pack(
     *,
     images_per_shard: int,
     address: str | None,
+    kind: str = "imagefolder",
     say: Callable[[str], None],
     cpus_per_task: float = 1.0,
 ) -> dict[str, Any]:
     """Pack ``src`` into ``dst``; returns the manifest. Raises DataError."""
+    if kind not in shards.KINDS:
+        raise DataError(
+            f"--dataset {kind}: packs one of {', '.join(shards.KINDS)}; name what {src} holds"
+        )
     import ray
 
     try:
-        classes, parts = shards.plan(src, images_per_shard)
+        source = shards.plan(src, images_per_shard, kind)
     except access_errors() as error:
         raise DataError(
             f"{src}: cannot list the dataset ({type(error).__name__}: {error})"
         ) from None
+    parts = source.parts
     counts = {
         split: sum(len(p.images) for p in split_parts) for split, split_parts in parts.items()
     }
     todo = [p for split in parts.values() for p in split if not shards.part_is_done(dst, p)]
     total = sum(len(split) for split in parts.values())
     say(
-        f"{src}: {counts['train']} train and {counts['val']} val images in {len(classes)} "
+        f"{src}: {counts['train']} train and {counts['val']} val images in "
+        f"{len(source.classes)} "
         "classes -> "
         f"{total} shards of up to {images_per_shard} images in {dst}"
         + (f"; {total - len(todo)} already packed" if len(todo) < total else "")
@@ -59,9 +68,10 @@ def pack(
                     "GCS address (head:6379), ray://head:10001, or auto on one of its nodes"
                 ) from None
         else:
+            pixels = sum(a.nbytes for a in (source.arrays or {}).values())
             ray.init(
                 num_cpus=cluster.local_cpus(),
-                object_store_memory=128 * 1024**2,
+                object_store_memory=128 * 1024**2 + pixels * 5 // 4,
                 include_dashboard=False,
                 logging_level="WARNING",
             )
@@ -71,7 +81,8 @@ def pack(
         task = ray.remote(num_cpus=cpus_per_task, max_retries=3, retry_exceptions=retried)(
             shards.pack_part
         )
-        pending = {task.remote(src, dst, part): part for part in todo}
+        arrays = {split: ray.put(a) for split, a in (source.arrays or {}).items()}
+        pending = {task.remote(src, dst, part, arrays.get(part.split)): part for part in todo}
         done, begin = 0, time.monotonic()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -99,7 +110,7 @@ def pack(
     finally:
         if not started:
             ray.shutdown()
-    manifest = shards.finish(src, dst, classes, parts, images_per_shard)
+    manifest = shards.finish(src, dst, source, images_per_shard)
     for split, facts in manifest["splits"].items():
         mb = sum(s["bytes"] for s in facts["shards"]) / 1e6
         left = (

@@ -219,16 +219,17 @@ def _check_model_name(spec: Spec, report: Report) -> None:
 def resource_problem(spec: JobBase, have: Mapping[str, float], where: str = "") -> str | None:
     """What the job's workers ask for that ``have`` (a cluster's total resources) lacks."""
     scaling = spec.scaling
-    asked = {"CPU": scaling.workers * scaling.cpus_per_worker}
+    least = scaling.min_workers  # an elastic group starts with its minimum
+    asked = {"CPU": least * scaling.cpus_per_worker}
     if scaling.use_gpu:
-        asked["GPU"] = scaling.workers * scaling.gpus_per_worker
+        asked["GPU"] = least * scaling.gpus_per_worker
     short = {k: v for k, v in asked.items() if v > have.get(k, 0)}
     if not short:
         return None
     wanted = ", ".join(f"{v:g} {k}" for k, v in asked.items())
     exists = ", ".join(f"{have.get(k, 0):g} {k}" for k in asked)
     return (
-        f"job {spec.name!r} asks for {wanted} ({scaling.workers} workers x "
+        f"job {spec.name!r} asks for {wanted} ({least} workers x "
         f"{scaling.cpus_per_worker:g} CPU"
         + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else "")
         + f"), but {where or 'the cluster has'} {exists}; lower "
@@ -267,7 +268,13 @@ def _check_resources(spec: Spec, address: str | None, report: Report) -> None:
 def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tuple[str, str]]:
 
     scaling, opt, sched = spec.scaling, spec.optimizer, spec.schedule
-    per_worker = spec.data.batch_size // (scaling.workers * opt.grad_accum_steps)
+    per_worker = spec.worker_batch(scaling.max_workers)
+    shares = f"{scaling.workers} workers x {per_worker}"
+    if scaling.elastic:
+        shares = (
+            f"the workers' shares, {spec.worker_batch(scaling.max_workers)}-"
+            f"{spec.worker_batch(scaling.min_workers)} each"
+        )
     resources = f"{scaling.cpus_per_worker:g} CPU" + (
         f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
     )
@@ -295,19 +302,15 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
             "runs on",
             f"the cluster at {cluster.dashboard_url(address)}" if address else "an embedded Ray",
         ),
-        ("workers", f"{scaling.workers} x {resources} ({scaling.placement_strategy})"),
-        (
-            "batch",
-            f"{spec.data.batch_size} global = {scaling.workers} workers x {per_worker}"
-            f"{accumulation}",
-        ),
+        ("workers", f"{scaling.describe()} x {resources} ({scaling.placement_strategy})"),
+        ("batch", f"{spec.data.batch_size} global = {shares}{accumulation}"),
         ("lr", f"{lr:g} ({scaled})"),
         ("epochs", f"{sched.epochs} ({sched.type}{warmup})"),
         ("precision", precision_plan(spec)),
     ]
     if train_images:
-        per_rank = math.ceil(train_images / scaling.workers)
-        steps = math.ceil(math.ceil(per_rank / per_worker) / opt.grad_accum_steps)
+        micro_batches = math.ceil(train_images / spec.global_micro_batch())
+        steps = math.ceil(micro_batches / opt.grad_accum_steps)  # the same on any worker count
         about = "about " if isinstance(spec, DetectJob) else ""  # batches group by aspect ratio
         rows.append(("steps per epoch", f"{about}{steps} ({train_images} training images)"))
     if isinstance(spec, TuneJob):
@@ -320,7 +323,17 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
         keep = f"newest {spec.checkpoint.keep} of both kinds kept"
     else:
         saves_part = f"{saves}"
-    rows.append(("checkpoints", f"{saves_part} ({epochs_part}; {keep}) in {where}"))
+    upload = "in the background" if spec.checkpoint.upload == "async" else "waited for"
+    rows.append(("checkpoints", f"{saves_part} ({epochs_part}; {keep}) in {where}, {upload}"))
+    restarts = spec.checkpoint.max_preemptions
+    rows.append(
+        (
+            "preemption",
+            f"a drained node's notice (asked every {spec.checkpoint.preemption_check_steps} "
+            "steps) checkpoints at once; "
+            + (f"{restarts} restarts" if restarts >= 0 else "restarts without limit"),
+        )
+    )
     if spec.tracking.enabled:
         model = spec.tracking.registered_model
         rows.append(

@@ -31,7 +31,8 @@ def progress_printer(spec: ClassifyJob | DetectJob):
     class ProgressPrinter(UserCallback):
         # Ray calls it with keywords: the parameter names are Ray's.
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            line = progress_line(spec.name, spec.kind, spec.schedule.epochs, metrics[0])
+            m, elastic = metrics[0], spec.scaling.elastic
+            line = progress_line(spec.name, spec.kind, spec.schedule.epochs, m, elastic)
             print(line + (f"  checkpoint -> {checkpoint.path}" if checkpoint else ""), flush=True)
 
     return ProgressPrinter()
@@ -55,7 +56,12 @@ def build(
         train_loop_config={"spec": spec.model_dump(mode="json"), "tracking": context},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=scaling.workers,
+            # A range makes the group elastic: it starts with what fits (at least min), shrinks
+            # when a node goes, and grows when there is room, each time from the last checkpoint.
+            num_workers=(scaling.min_workers, scaling.max_workers)
+            if scaling.elastic
+            else scaling.max_workers,
+            elastic_resize_monitor_interval_s=scaling.resize_check_s,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,
@@ -64,7 +70,10 @@ def build(
             name=spec.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            failure_config=FailureConfig(
+                max_failures=spec.checkpoint.max_failures,
+                max_preemption_failures=spec.checkpoint.max_preemptions,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             callbacks=callbacks,
             # Our progress line says per epoch what Ray Train's INFO lines say per report.

@@ -3,6 +3,7 @@ dashboard: submit, follow, status, list, logs, stop, refuse a second submission 
 and resume by resubmitting the name."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_submit_follow_refuse_a_second_stop_and_resume_through_the_jobs_api(clus
     storage = tmp_path / "runs"
     # Epochs enough that the status, the refused submission and the stop all land mid-run.
     job = digits_job(data_root, storage, name="jobs-api", schedule={"epochs": EPOCHS})
-    job["data"]["batch_size"] = 32
+    job["data"]["batch_size"] = 32  # 1438 images: 45 steps an epoch
+    job["checkpoint"]["every_steps"] = 10  # most checkpoints fall inside an epoch
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(job))
 
@@ -119,14 +121,30 @@ def test_submit_follow_refuse_a_second_stop_and_resume_through_the_jobs_api(clus
     done_before = _newest(run_dir)["epoch"]
     assert done_before < EPOCHS
 
-    second = cli("submit", str(spec_file), address=cluster, timeout=400)
+    # Resubmitted on 1 worker instead of 2: the epoch goes on from the sample it stopped at.
+    second = cli(
+        "submit", str(spec_file), "--set", "scaling.workers=1", address=cluster, timeout=400
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"epoch {EPOCHS}/{EPOCHS}" in second.stdout  # the followed logs show progress lines
     state = _newest(run_dir)
     # It resumes from the newest checkpoint Ray Train had registered when the job stopped: the
     # newest folder on disk, or the one before it if the stop came while that was registering.
     (resumed_at,) = state["resumes"]
-    assert state["epoch"] == EPOCHS and 1 <= resumed_at <= done_before
+    assert state["epoch"] == EPOCHS and 0 <= resumed_at <= done_before
+    where = re.search(
+        r"\[jobs-api\] resumed (?:in epoch (\d+)/\d+ after (\d+) samples|at the start of "
+        r"epoch (\d+)/\d+) \(step (\d+)\)",
+        second.stdout,
+    )
+    assert where, second.stdout
+    epoch, samples, start, step = where.groups()
+    # Step s of an epoch trains samples [32 s, 32 (s + 1)) of its order on any worker count
+    # (tests/unit/test_order.py shows the order is the same): the resumed run takes the rest,
+    # so the job trains 45 steps an epoch, every epoch, as an uninterrupted run does.
+    in_epoch = int(samples) // 32 if samples else 0
+    assert int(step) == (int(epoch or start) - 1) * 45 + in_epoch
+    assert state["step"] == EPOCHS * 45 and state["data_order"]["workers"] == 1
     assert f"epoch {resumed_at}/{EPOCHS}" not in second.stdout  # done epochs are not redone
 
     listed = cli("list", address=cluster)

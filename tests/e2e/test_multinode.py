@@ -1,15 +1,21 @@
 """Multi-node Ray without Docker: a head and a second Ray node process on this machine, each its
-own raylet with its own ports, S3 (moto) as the checkpoint storage they share, and a 2-worker job
-submitted through the Jobs API that Ray SPREADs over both nodes."""
+own raylet with its own ports, S3 (moto) as the checkpoint storage they share, and 2-worker jobs
+submitted through the Jobs API that Ray SPREADs over both nodes: one that trains through, and
+one whose second node is drained for preemption (`ray drain-node`, as an autoscaler does) and
+then stopped."""
 
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -23,6 +29,7 @@ pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
 BUCKET = "wrn-multinode"
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+EPOCHS_ELASTIC = 8
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +46,17 @@ def s3(s3_env):
     return fs
 
 
+class Cluster(NamedTuple):
+    address: str  # the dashboard's URL: the Jobs API
+    gcs: str  # the head's GCS, for `ray drain-node`
+    temp: Path
+    second_node_port: int  # its node manager's: names the second node's processes
+
+
 @pytest.fixture(scope="module")
-def two_nodes(s3_env):
-    """A head (with the dashboard) and a second node, 2 CPUs each; yields the dashboard URL.
-    The nodes, and so every Ray worker and job driver, hold the S3 endpoint and credentials."""
+def cluster(s3_env):
+    """A head (with the dashboard) and a second node, 2 CPUs each. The nodes, and so every Ray
+    worker and job driver, hold the S3 endpoint and credentials."""
     from ray.util.state import list_nodes
 
     # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
@@ -71,7 +85,7 @@ def two_nodes(s3_env):
             timeout=60,
             what="both nodes to be ALIVE in the state API",
         )
-        yield address
+        yield Cluster(address, f"127.0.0.1:{gcs}", temp, ports[6])
     finally:
         stop_processes_of(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -95,9 +109,10 @@ def _alive_nodes(list_nodes, address: str) -> list:
         return []
 
 
-def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s3_env, tmp_path):
+def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(cluster, s3, s3_env, tmp_path):
     from ray.util.state import list_actors, list_nodes
 
+    two_nodes = cluster.address
     # The data stays on this machine's disk, which both nodes see (as they would an NFS mount);
     # everything Ray Train writes goes to S3.
     write_digits_imagefolder(tmp_path / "digits", size=16)
@@ -149,3 +164,133 @@ def test_two_workers_spread_over_two_nodes_and_checkpoint_to_s3(two_nodes, s3, s
     assert len(saved) == 2, saved  # one per epoch, keep: 2
     state = torch.load(io.BytesIO(s3.cat_file(saved[-1])), weights_only=True)
     assert state["epoch"] == 2 and state["resumes"] == []
+
+
+def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a_lost_node(
+    cluster, s3, s3_env, tmp_path
+):
+    """Runs last: the second node is gone afterwards. An elastic group of 1-2 workers (2 CPUs
+    each, so one per node): the second node is drained with a 20 s deadline and then stopped,
+    a third node joins, and is then stopped without notice. The job checkpoints within the
+    deadline, shrinks to 1 worker, grows back to 2, shrinks again, and finishes with the
+    learning-rate curve of an unresized run, each resume continuing at its checkpoint's step."""
+    from ray.util.state import list_nodes
+
+    from wrn_cluster.spec import parse
+    from wrn_cluster.train import optim
+
+    epochs, steps_per_epoch = EPOCHS_ELASTIC, 45
+    write_digits_imagefolder(tmp_path / "digits", size=16)
+    job = digits_job(
+        tmp_path / "digits",
+        f"s3://{BUCKET}/runs",
+        name="elastic",
+        model={"arch": "wrn-10-1"},
+        schedule={"epochs": epochs, "warmup_epochs": 0},
+        scaling={
+            "workers": {"min": 1, "max": 2},
+            "cpus_per_worker": 2,
+            "placement_strategy": "SPREAD",
+            "resize_check_s": 5,
+        },
+        data={"batch_size": 32, "image_size": 32, "eval_resize": 32},  # 45 steps an epoch
+        checkpoint={"preemption_check_steps": 3, "every_steps": 15, "keep": 50, "max_failures": 2},
+    )
+    spec_file = tmp_path / "elastic.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    submit = [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)]
+    proc = subprocess.Popen(
+        [*submit, "--address", cluster.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **s3_env},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def printed(pattern: str, count: int = 1) -> bool:
+        return len(re.findall(pattern, "".join(lines))) >= count
+
+    try:
+        states = f"{BUCKET}/runs/elastic/checkpoint_*/{checkpoint.STATE_FILE}"
+        wait_until(lambda: s3.invalidate_cache() or s3.glob(states), 240, "a first checkpoint")
+        [second] = [n for n in _alive_nodes(list_nodes, cluster.address) if not n.is_head_node]
+        drain = [
+            f"{VENV_BIN}/ray", "drain-node", f"--address={cluster.gcs}",
+            f"--node-id={second.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=spot instance reclaimed", "--deadline-remaining-seconds=20",
+        ]  # fmt: skip
+        drained = subprocess.run(drain, capture_output=True, text=True, timeout=60)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        time.sleep(20)  # the deadline: then the node goes, as the autoscaler would end it
+        stop_processes_of(cluster.temp, marker=f"={cluster.second_node_port}")
+        wait_until(lambda: printed(r"shrank from 2 to 1"), 180, "the group to shrink to 1")
+        third_port = _start_node(cluster, s3_env)  # a node joins: the group grows at its next check
+        wait_until(lambda: printed(r"grew from 1 to 2"), 180, "the group to grow back to 2")
+        stop_processes_of(cluster.temp, marker=f"={third_port}")  # gone without notice
+        wait_until(lambda: printed(r"shrank from 2 to 1", 2), 180, "the group to shrink again")
+        proc.wait(timeout=600)
+        reader.join(timeout=10)
+    finally:
+        proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    found = re.search(
+        r"\[elastic\] node [0-9a-f]{8} is being preempted: checkpointed at step (\d+) in "
+        r"([\d.]+)s, (-?\d+)s before its deadline",
+        output,
+    )
+    assert found, output
+    jit_step, left = int(found.group(1)), int(found.group(3))
+    assert left > 0, output
+    # Each resize continues from the step of a stored checkpoint, the first from the drain's
+    # (or a later one) and none from before it: no sample of an epoch trained twice or skipped.
+    resizes = [
+        (how, int(step))
+        for how, step in re.findall(
+            r"\[elastic\] (shrank|grew) from \d to \d workers at step (\d+)", output
+        )
+    ]
+    assert [how for how, _ in resizes] == ["shrank", "grew", "shrank"], output
+    assert resizes[0][1] >= jit_step, output
+    resumed = [int(step) for step in re.findall(r"\[elastic\] resumed .*\(step (\d+)\)", output)]
+    assert resumed == [step for _, step in resizes], output
+    s3.invalidate_cache()
+    saved = {
+        torch.load(io.BytesIO(s3.cat_file(path)), weights_only=True)["step"]: path
+        for path in s3.glob(states)
+    }
+    assert jit_step in saved and all(step in saved for step in resumed)
+    final = torch.load(io.BytesIO(s3.cat_file(saved[max(saved)])), weights_only=True)
+    assert final["epoch"] == epochs and final["step"] == epochs * steps_per_epoch
+    assert len(final["resumes"]) == 3 and final["data_order"]["workers"] in (1, 2)
+    # The learning rate at each epoch's end is the unresized schedule's.
+    spec = parse(yaml.safe_dump(job), "elastic.yaml")
+    factor = optim.lr_multiplier(spec, steps_per_epoch)
+    base = optim.effective_lr(spec, spec.data.batch_size)
+    printed_lr = {
+        int(epoch): float(lr)
+        for epoch, lr in re.findall(
+            rf"\[elastic\] epoch (\d+)/{epochs}  .*?lr ([\d.e-]+)  ", output
+        )
+    }
+    assert sorted(printed_lr) == list(range(1, epochs + 1)), output
+    for epoch, lr in printed_lr.items():
+        assert lr == pytest.approx(base * factor(epoch * steps_per_epoch), rel=1e-3), epoch
+    assert re.search(r"\[elastic\] epoch \d+/\d+  .* 1 worker(?!s)", output), output
+
+
+def _start_node(cluster: Cluster, s3_env: dict) -> int:
+    """Another node of 2 CPUs joins the cluster; returns its node manager's port."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env}
+    ports = free_ports(6)
+    command = [
+        f"{VENV_BIN}/ray", "start", f"--address={cluster.gcs}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=2", "--object-store-memory=100000000", f"--temp-dir={cluster.temp}",
+        "--disable-usage-stats", *node_ports(ports),
+    ]  # fmt: skip
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    return ports[0]

@@ -4,6 +4,7 @@ tests/integration/test_checkpoint.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
@@ -300,3 +301,52 @@ def test_a_rank_the_writing_run_did_not_have_keeps_its_own_random_streams(tmp_pa
         own = torch.get_rng_state().numpy().tobytes()
         checkpoint.restore(Checkpoint(str(folder)), fresh, ARCH, CLASSES, rank=rank)
         assert torch.get_rng_state().numpy().tobytes() == (expected or own), rank
+
+
+def test_an_upload_counts_as_in_flight_until_it_ends_whether_it_stores_or_fails():
+    import threading
+
+    uploading = checkpoint.UploadsInFlight()
+    release, started = threading.Event(), threading.Event()
+
+    def slow_upload(local, name):
+        started.set()
+        release.wait(10)
+        if name == "bad":
+            raise OSError("store down")
+        return name
+
+    assert not uploading.busy()
+    for name in ("good", "bad"):
+        started.clear()
+        release.clear()
+        upload = uploading.track(slow_upload)  # handed to Ray's upload thread: in flight
+        assert uploading.busy()
+        worker = threading.Thread(target=lambda u=upload, n=name: _swallow(u, n))
+        worker.start()
+        assert started.wait(10) and uploading.busy()
+        release.set()
+        worker.join(10)
+        assert not uploading.busy(), name
+
+
+def _swallow(upload, name):
+    with contextlib.suppress(OSError):
+        upload(None, name)
+
+
+def test_a_preemption_checkpoint_says_which_node_how_fast_and_how_long_before_the_deadline():
+    import time
+
+    from ray.train import PreemptionInfo
+
+    from wrn_cluster.train.loop import Preemption
+
+    notice = PreemptionInfo(
+        deadline_ms=int((time.time() + 15.4) * 1000), preempted_node_to_ranks={"ab12cd34ef": [1]}
+    )
+    line = Preemption.line("big", notice, 4200, time.perf_counter() - 2.5)
+    assert line.startswith("[big] node ab12cd34 is being preempted: checkpointed at step 4200 in ")
+    assert line.endswith("s, 15s before its deadline") and " in 2.5s" in line
+    no_deadline = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"ab12cd34ef": [1]})
+    assert Preemption.line("big", no_deadline, 1, time.perf_counter()).endswith("in 0.0s")

@@ -271,6 +271,8 @@ def test_raycluster_head_trains_nothing_and_gpu_workers_autoscale_around_the_ima
     assert job.scaling.use_gpu
     assert job.scaling.workers * job.scaling.gpus_per_worker <= group["minReplicas"] * gpus
     assert job.scaling.workers * job.scaling.cpus_per_worker <= group["minReplicas"] * cpus
+    # An evicted worker pod lives long enough for its just-in-time checkpoint.
+    assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     for pod in pod_specs(cluster):
         shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         (container,) = pod["containers"]

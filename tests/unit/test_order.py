@@ -41,7 +41,7 @@ def steps(world: int, accum: int = 1, after_samples: int = 0) -> list[list[int]]
     """The samples of each optimizer step that ``world`` ranks train on in EPOCH, starting
     after ``after_samples`` samples of it as a resumed run would."""
     ranks = rank_batches(world, accum)
-    skip = order.micro_batches_done(after_samples, BATCH // (world * accum), world)
+    skip = order.micro_batches_done(after_samples, BATCH // accum)
     for batches in ranks:
         batches.set_epoch(EPOCH, skip)
     micro = list(zip(*(list(batches) for batches in ranks), strict=True))
@@ -123,8 +123,8 @@ def test_loaders_with_their_own_generator_leave_the_global_stream_alone():
 
 
 def test_a_position_that_is_not_a_whole_micro_batch_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="keep data.batch_size as it was"):
-        order.micro_batches_done(12, 8, 1)
+    with pytest.raises(ValueError, match="keep data.batch_size and optimizer.grad_accum_steps"):
+        order.micro_batches_done(12, 8)
     with pytest.raises(ValueError, match="cannot skip 99"):
         rank_batches(1, 1)[0].set_epoch(0, skip=99)
 
@@ -164,3 +164,102 @@ def test_a_resume_inside_an_epoch_whose_order_the_spec_changed_is_refused():
     shards_spec.data.canonical_nodes = 4
     with pytest.raises(CheckpointError, match="data.canonical_nodes 8, but the spec now gives 4"):
         order.check_resume_order(recorded, shards_spec, 2)
+
+
+def epoch_batches(world: int, size: int = SAMPLES, micro: int = BATCH) -> list[list[list[int]]]:
+    """Each rank's micro-batches of EPOCH from order.EpochBatches."""
+    ranks = [order.EpochBatches(size, micro, rank, world, SEED) for rank in range(world)]
+    for batches in ranks:
+        batches.set_epoch(EPOCH)
+    return [list(batches) for batches in ranks]
+
+
+@pytest.mark.parametrize(
+    ("size", "world", "micro"), [(96, 2, 8), (101, 4, 8), (7, 2, 4), (96, 1, 8)]
+)
+def test_epoch_batches_are_torch_s_distributed_batches_when_the_shares_are_equal(
+    size, world, micro
+):
+    class Sized(Dataset):
+        def __len__(self) -> int:
+            return size
+
+    for rank, ours in enumerate(epoch_batches(world, size, micro)):
+        sampler = DistributedSampler(Sized(), world, rank, shuffle=True, seed=SEED)
+        sampler.set_epoch(EPOCH)
+        assert ours == list(BatchSampler(sampler, micro // world, drop_last=False))
+
+
+@pytest.mark.parametrize("world", [3, 5, 7])
+def test_unequal_shares_train_every_sample_once_in_the_same_steps(world):
+    ranks = epoch_batches(world)
+    sizes = {len(batch) for batches in ranks for batch in batches}
+    assert sizes == {BATCH // world, BATCH // world + 1}  # shares differ by one
+    per_step = [
+        sorted(i for batches in group for i in batches) for group in zip(*ranks, strict=True)
+    ]
+    assert per_step == steps(1)
+    assert Counter(i for step in per_step for i in step) == Counter(range(SAMPLES))
+
+
+def test_an_elastic_epoch_trains_every_sample_once_across_resizes():
+    """2 workers for 3 steps, then 3 (a node came back) for 4, then 1 (two nodes went)."""
+    trained: list[list[int]] = []  # each step's samples
+    done = 0
+    for world, steps_here in [(2, 3), (3, 4), (1, None)]:
+        ranks = [order.EpochBatches(SAMPLES, BATCH, r, world, SEED) for r in range(world)]
+        skip = order.micro_batches_done(done, BATCH)
+        resumable = [order.ResumableBatches(batches) for batches in ranks]
+        for batches in resumable:
+            batches.set_epoch(EPOCH, skip)
+        groups = list(zip(*(list(b) for b in resumable), strict=True))[:steps_here]
+        trained += [sorted(i for batch in group for i in batch) for group in groups]
+        done += len(groups) * BATCH
+    assert trained == steps(1)
+    assert Counter(i for step in trained for i in step) == Counter(range(SAMPLES))
+
+
+def test_the_epoch_end_pads_so_that_every_rank_has_a_sample():
+    ranks = epoch_batches(3, size=10, micro=4)  # micro-batches of 4, 4 and the last 2 (+1 pad)
+    assert [len(batches) for batches in ranks] == [3, 3, 3]
+    assert [len(batches[-1]) for batches in ranks] == [1, 1, 1]
+    trained = Counter(i for batches in ranks for b in batches for i in b)
+    assert trained.keys() == set(range(10)) and sum(trained.values()) == 11
+
+
+def test_weighted_unequal_shares_give_the_gradient_of_the_whole_batch():
+    """What DDP computes for 3 ranks holding 3, 3 and 2 of a batch of 8: the mean of the ranks'
+    gradients, each of the rank's mean loss times its weight."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 2)
+    inputs, labels = torch.randn(8, 5), torch.randint(0, 2, (8,))
+    whole = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(layer(inputs), labels), layer.weight
+    )[0]
+    batches = order.EpochBatches(8, 8, 0, 3, SEED)
+    shares = [inputs[0:3], inputs[3:6], inputs[6:8]], [labels[0:3], labels[3:6], labels[6:8]]
+    grads = [
+        torch.autograd.grad(
+            torch.nn.functional.cross_entropy(layer(x), y) * batches.weight(0, len(y)),
+            layer.weight,
+        )[0]
+        for x, y in zip(*shares, strict=True)
+    ]
+    assert torch.allclose(sum(grads) / 3, whole, atol=1e-6)
+    assert batches.weight(0, 3) == 1.125 and order.EpochBatches(8, 8, 0, 2, SEED).weight(0, 4) == 1
+
+
+def test_an_elastic_group_prints_its_size_and_every_resize():
+    from wrn_cluster.train import metrics
+
+    report = {**metrics.step_metrics(1, 120, 3840, 1.23456, 0.1, 55.0), "workers": 3}
+    line = metrics.progress_line("digits", "classify", 10, report, elastic=True)
+    assert line.endswith("lr 0.1  3 workers")
+    assert "workers" not in metrics.progress_line("digits", "classify", 10, report)
+    assert (
+        metrics.resize_line("digits", 2, 1, 135)
+        == "[digits] shrank from 2 to 1 workers at step 135"
+    )
+    assert (
+        metrics.resize_line("digits", 1, 2, 200) == "[digits] grew from 1 to 2 workers at step 200"
+    )

@@ -79,7 +79,9 @@ def test_dry_run_prints_the_plan_and_starts_or_leaves_nothing(embedded):
         "epochs                  5 (multistep)",
         "steps per epoch         4 (120 training images)",  # 60 per worker, 8 a batch, 2 a step
         f"checkpoints             3 (every 2 epochs and the last; newest 2 kept) in {runs}"
-        "/preflight/checkpoint_*",
+        "/preflight/checkpoint_*, in the background",
+        "preemption              a drained node's notice (asked every 10 steps) checkpoints at "
+        "once; restarts without limit",
         f"{runs}: writable (marker written, read, deleted)",
         "embedded Ray would have 4 CPU",
         "wrn_preflight@champion: usable",

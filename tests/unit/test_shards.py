@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.datasets import write_digits_imagefolder
+from tests.datasets import write_cifar10, write_cifar100, write_digits_imagefolder, write_svhn
 from wrn_cluster.data import DataError, shards
 
 PER_SHARD = 400
@@ -66,7 +67,7 @@ def test_a_rerun_with_another_shard_size_packs_every_part_again(packed, tmp_path
     root = packed[0]
     copy = tmp_path / "dst"
     subprocess.run(["cp", "-r", str(root / "dst"), str(copy)], check=True)
-    _, parts = shards.plan(str(root / "src"), PER_SHARD // 2)
+    parts = shards.plan(str(root / "src"), PER_SHARD // 2).parts
     assert not any(shards.part_is_done(str(copy), p) for ps in parts.values() for p in ps)
     manifest = shards.pack_here(str(root / "src"), str(copy), PER_SHARD // 2)
     assert manifest["splits"]["train"]["samples"] == packed[2]["splits"]["train"]["samples"]
@@ -77,7 +78,7 @@ def test_a_part_of_only_broken_images_is_recorded_without_a_shard_and_rerun_skip
     write_digits_imagefolder(tmp_path / "src", size=16)
     for jpeg in sorted((tmp_path / "src" / "val").glob("*/*.jpg"))[:4]:
         jpeg.write_bytes(b"not an image")
-    _, parts = shards.plan(str(tmp_path / "src"), 4)
+    parts = shards.plan(str(tmp_path / "src"), 4).parts
     first_val = parts["val"][0]
     record = shards.pack_part(str(tmp_path / "src"), str(tmp_path / "dst"), first_val)
     assert (record["samples"], record["shard"], len(record["left_out"])) == (0, None, 4)
@@ -90,7 +91,7 @@ def test_a_rerun_packs_only_the_shard_that_is_gone(packed, tmp_path):
     subprocess.run(["cp", "-r", str(root / "dst"), str(copy)], check=True)
     (copy / "train" / "shard.00002.mds").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("*.mds")}
-    _, parts = shards.plan(str(root / "src"), PER_SHARD)
+    parts = shards.plan(str(root / "src"), PER_SHARD).parts
     undone = [
         (p.split, p.number)
         for ps in parts.values()
@@ -295,3 +296,103 @@ def test_nodes_of_unequal_workers_or_canonical_nodes_that_do_not_divide_are_refu
         shards.check_layout("s3://d", world=12, local_world=8, canonical_nodes=8)
     with pytest.raises(DataError, match="data.canonical_nodes 8 and the 3 nodes the workers"):
         shards.check_layout("s3://d", world=6, local_world=2, canonical_nodes=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR and SVHN releases: their pixels packed as they are, read as the in-memory reader does
+
+
+def shards_of(dst: Path, cache: Path, augment: bool = True):
+    return shards.build(
+        str(dst),
+        size=32,
+        eval_resize=32,
+        augment=augment,
+        seed=5,
+        per_worker_batch=10,
+        cache=str(cache),
+        cache_limit=None,
+        canonical_nodes=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "write", "classes"),
+    [("cifar10", write_cifar10, 10), ("cifar100", write_cifar100, 100), ("svhn", write_svhn, 10)],
+)
+def test_a_cifar_or_svhn_release_packs_its_pixels_and_streams_what_the_memory_reader_gives(
+    tmp_path, kind, write, classes
+):
+    from wrn_cluster.data import cifar
+
+    write(tmp_path / "src", 24 if kind == "cifar10" else 120)
+    manifest = shards.pack_here(str(tmp_path / "src"), str(tmp_path / "dst"), 50, kind)
+    assert (manifest["kind"], len(manifest["classes"])) == (kind, classes)
+    assert manifest["image"] == {"encoding": "raw", "dtype": "uint8", "shape": [3, 32, 32]}
+    memory_train, memory_val, names = cifar.build(kind, str(tmp_path / "src"), True, seed=5)
+    assert manifest["classes"] == names
+    assert manifest["splits"]["train"]["samples"] == len(memory_train)
+    assert manifest["splits"]["val"]["samples"] == len(memory_val)
+    assert manifest["splits"]["train"]["left_out"] == 0
+    train, val, _ = shards_of(tmp_path / "dst", tmp_path / "cache")
+    # Validation: item i is the release's test image i, untouched.
+    for i in (0, len(val) - 1):
+        image, label = val[i]
+        expected, expected_label = memory_val[i]
+        assert torch.equal(image, expected) and label == expected_label
+    # Training, epoch 2: each sample's augmentation is the memory reader's for its index.
+    memory_train.set_epoch(2)
+    train.start_epoch(2, 0)
+    seen = 0
+    for record in train.stream:
+        image, label = train.transform(record, 2)
+        expected, expected_label = memory_train[int(record["index"])]
+        assert torch.equal(image, expected) and label == expected_label
+        seen += 1
+    assert seen == len(memory_train)
+
+
+def test_a_cifar_rerun_after_its_pixels_changed_packs_that_part_again(tmp_path):
+    import pickle
+
+    write_cifar10(tmp_path / "src", 20)  # 100 training images: parts of 50
+    shards.pack_here(str(tmp_path / "src"), str(tmp_path / "dst"), 50, "cifar10")
+    batch_path = tmp_path / "src" / "data_batch_5"  # images 80-99: the second part
+    batch = pickle.loads(batch_path.read_bytes(), encoding="bytes")
+    batch[b"data"] = 255 - batch[b"data"]
+    batch_path.write_bytes(pickle.dumps(batch, protocol=2))
+    parts = shards.plan(str(tmp_path / "src"), 50, "cifar10").parts
+    undone = [
+        (p.split, p.number)
+        for ps in parts.values()
+        for p in ps
+        if not shards.part_is_done(str(tmp_path / "dst"), p)
+    ]
+    assert undone == [("train", 1)]
+
+
+def test_shards_of_another_dataset_kind_or_an_unknown_kind_are_refused_with_the_fix(tmp_path):
+    from wrn_cluster.pack import pack
+
+    write_cifar10(tmp_path / "src", 4)
+    shards.pack_here(str(tmp_path / "src"), str(tmp_path / "dst"), 50, "cifar10")
+    with pytest.raises(DataError) as caught:
+        shards.check(str(tmp_path / "dst"), dataset="svhn")
+    assert (
+        "the shards were packed from a cifar10 dataset, but data.dataset is svhn; set "
+        "data.dataset: cifar10, or pack the svhn data with `wrn-cluster data pack SRC DST "
+        "--dataset svhn`"
+    ) in str(caught.value)
+    with pytest.raises(
+        DataError, match="--dataset mnist: packs one of cifar10, cifar100, svhn, imagefolder; name"
+    ):
+        pack(
+            str(tmp_path / "src"),
+            str(tmp_path / "d2"),
+            images_per_shard=8,
+            address=None,
+            say=print,
+            kind="mnist",
+        )
+    with pytest.raises(DataError, match="data_batch_1: missing"):
+        shards.plan(str(tmp_path / "dst"), 50, "cifar10")

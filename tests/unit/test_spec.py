@@ -115,6 +115,30 @@ BAD = {
             "accumulation steps; use a multiple of 2"
         ],
     ),
+    "elastic range upside down": (
+        GOOD + "scaling:\n  workers: {min: 3, max: 1}\n",
+        ["bad.yaml:14: scaling.workers.max: 1 is below min 3; set max >= min"],
+    ),
+    "elastic range wider than the batch": (
+        GOOD + "scaling:\n  workers: {min: 1, max: 100}\n",
+        [
+            "bad.yaml:9: data.batch_size: 64 does not give each of up to 100 workers a share "
+            "of 1 equal micro-batches; use a multiple of 1 of at least 100"
+        ],
+    ),
+    "elastic shards need equal shares": (
+        GOOD.replace("  image_size: 32", "  format: shards\n  image_size: 32")
+        + "scaling:\n  workers: {min: 2, max: 3}\n",
+        [
+            "bad.yaml:10: data.batch_size: 64 does not split evenly over 3 workers x 1 "
+            "accumulation steps, a size the elastic range 2-3 can take, and this reader needs "
+            "equal shares; use a multiple of 6, or a narrower range"
+        ],
+    ),
+    "no workers": (
+        GOOD + "scaling:\n  workers: 0\n",
+        ["bad.yaml:14: scaling.workers: 0 workers; use 1 or more, or {min: 1, max: N} (got 0)"],
+    ),
     "negative learning rate": (
         GOOD + "optimizer:\n  lr: -0.1\n",
         ["bad.yaml:14: optimizer.lr: input should be greater than 0 (got -0.1)"],
@@ -221,18 +245,14 @@ def test_schema_command_matches_the_models():
         )
 
 
-def test_shards_are_read_for_imagefolder_datasets_only_with_the_fix():
+def test_shards_are_read_for_every_classification_dataset_but_not_synthesized():
     good = parse(
         "kind: classify\nname: s\nmodel: {arch: wrn-50-2}\n"
         "data: {dataset: imagefolder, format: shards, url: s3://datasets/imagenet-shards}\n"
     )
     assert (good.data.format, good.data.canonical_nodes) == ("shards", 8)
-    with pytest.raises(SpecError) as caught:
-        parse(
-            "kind: classify\nname: s\ndata: {dataset: cifar10, format: shards, url: /d}\n", "s.yaml"
-        )
-    [problem] = caught.value.problems
-    assert "data.format: shards are packed from an imagefolder dataset, not cifar10" in str(problem)
+    cifar = parse("kind: classify\nname: s\ndata: {dataset: cifar10, format: shards, url: /d}\n")
+    assert (cifar.data.format, cifar.image_size) == ("shards", 32)
     with pytest.raises(SpecError, match="data.synthesize: synthetic data is written as files"):
         parse(
             "kind: classify\nname: s\nmodel: {arch: wrn-50-2}\ndata: {dataset: imagefolder, "
@@ -245,3 +265,21 @@ def test_shards_are_read_for_imagefolder_datasets_only_with_the_fix():
             "format: shards, url: /d, shard_cache_limit: lots}\n",
             "s.yaml",
         )
+
+
+def test_an_elastic_range_is_a_worker_count_between_min_and_max():
+    spec = parse(GOOD + "scaling:\n  workers: {min: 1, max: 3}\n", "s.yaml")
+    scaling = spec.scaling
+    assert (scaling.elastic, scaling.min_workers, scaling.max_workers) == (True, 1, 3)
+    assert scaling.describe() == "1-3 (elastic)"
+    # Files split a batch of 64 over 3 workers as 22, 21 and 21 (the loss weighs each share).
+    assert spec.worker_batch(3) == 22 and spec.worker_batch(1) == 64
+    fixed = parse(GOOD, "s.yaml").scaling
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers, fixed.describe()) == (
+        False,
+        2,
+        2,
+        "2",
+    )
+    again = parse(GOOD, "s.yaml", ["scaling.workers={min: 2, max: 4}"])
+    assert again.scaling.describe() == "2-4 (elastic)"

@@ -12,6 +12,11 @@ layer that sleeps before answering each request (moto is a test dependency: ``pi
 about 105 KB like ImageNet's 110 KB. Every variant decodes and augments at ``--size`` with the
 training transforms, in one process without DataLoader workers; timed in wall seconds (the
 waits are the point), in interleaved rounds. Each shard round streams into an empty cache.
+
+Where the CPU allows (Linux, two cores or more), the server runs on the last core and the reader
+on the others, as a store on other machines would: on a 2-core machine moto's own request
+handling (Python, about as much CPU per byte as the reader's hashing) would otherwise take
+turns with the reader on its core, and the S3 figures would measure moto, not the reader.
 """
 
 from __future__ import annotations
@@ -39,11 +44,20 @@ PHOTO_QUALITY = 98  # 500x375 crops of the sample photos at this quality: ~105 K
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 
 
+def server_core() -> int | None:
+    """The core the S3 server gets to itself (the last), or None where it cannot have one."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[-1] if len(cores) >= 2 else None
+
+
 class DelayedS3:
     """moto's S3 on 127.0.0.1 in a process of its own (not competing with the readers for this
-    one's interpreter lock), each request answered ``delay_s`` late; settable while it runs."""
+    one's interpreter lock), each request answered ``delay_s`` late; settable while it runs.
+    With ``core``, the server runs on that core only."""
 
-    def __init__(self) -> None:
+    def __init__(self, core: int | None = None) -> None:
         try:
             import moto.server  # noqa: F401
         except ImportError:
@@ -54,7 +68,7 @@ class DelayedS3:
         context = multiprocessing.get_context("spawn")
         self._delay = context.Value("d", 0.0)
         ports = context.Queue()
-        self._process = context.Process(target=_serve, args=(self._delay, ports), daemon=True)
+        self._process = context.Process(target=_serve, args=(self._delay, ports, core), daemon=True)
         self._process.start()
         self.url = f"http://127.0.0.1:{ports.get(timeout=60)}"
 
@@ -71,8 +85,10 @@ class DelayedS3:
         self._process.join(10)
 
 
-def _serve(delay: Any, ports: Any) -> None:
+def _serve(delay: Any, ports: Any, core: int | None) -> None:
     """The server process: moto's S3 behind a WSGI layer that sleeps ``delay`` per request."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
@@ -107,7 +123,11 @@ def run(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL_S3", *CREDENTIALS)}
-    s3 = DelayedS3()
+    core = server_core()
+    s3 = DelayedS3(core)
+    cores = os.sched_getaffinity(0) if core is not None else None
+    if cores is not None:
+        os.sched_setaffinity(0, cores - {core})  # the reader (and its threads) off the server's
     os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL_S3=s3.url)
     try:
         with tempfile.TemporaryDirectory(prefix="wrn-bench-storage-") as scratch:
@@ -177,6 +197,8 @@ def run(
             rates = interleave(runs, rounds, say)
     finally:
         s3.close()
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
         for key, value in saved.items():
             if value is None:
@@ -218,10 +240,12 @@ def run(
             "images_per_shard": images_per_shard,
             "delays_ms": list(delays_ms),
             "rounds": rounds,
+            "server_core": core,
         },
         extra=extra,
         notes=[
             "one process, no DataLoader workers, decode + RandomResizedCrop + flip at the size; "
-            "wall-clock images/s, moto's S3 server in a second process",
+            "wall-clock images/s, moto's S3 server in a second process"
+            + (f", on core {core} alone (the reader on the others)" if core is not None else ""),
         ],
     )

@@ -136,8 +136,8 @@ def _run_plain(spec: ClassifyJob, scratch: Path, round_: int) -> dict[str, Any]:
     start = time.perf_counter()
     mp.start_processes(
         plain_worker,
-        args=(spec.scaling.workers, _free_port(), spec.model_dump(mode="json"), str(out)),
-        nprocs=spec.scaling.workers,
+        args=(spec.scaling.max_workers, _free_port(), spec.model_dump(mode="json"), str(out)),
+        nprocs=spec.scaling.max_workers,
         start_method="spawn",
     )
     result = json.loads(out.read_text())

@@ -58,7 +58,9 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
         if data.dataset == "coco":
             return coco.prepare(spec, write)
         if getattr(data, "format", "files") == "shards":
-            manifest = shards.check(data.url, spec.model.num_classes, data.shard_cache_limit)
+            manifest = shards.check(
+                data.url, spec.model.num_classes, data.shard_cache_limit, data.dataset
+            )
             return Prepared(manifest["splits"]["train"]["samples"], synthetic=False)
         if data.dataset == "imagefolder":
             synth = data.synthesize
@@ -106,7 +108,9 @@ def shard_cache(spec: ClassifyJob, attempt: str) -> str:
     return os.path.join(root, spec.name, attempt)
 
 
-def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Dataset, list[str]]:
+def build_datasets(
+    spec: ClassifyJob, attempt: str = "0", world: int | None = None
+) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names); items are (uint8 [3, S, S], label), label -1 for a bad image.
 
     Train datasets have ``set_epoch(epoch)``: augmentation depends on (spec.seed, epoch, index)
@@ -123,7 +127,7 @@ def build_datasets(spec: ClassifyJob, attempt: str = "0") -> tuple[Dataset, Data
                 eval_resize=eval_resize(spec),
                 augment=spec.augment,
                 seed=spec.seed,
-                per_worker_batch=spec.per_worker_batch,
+                per_worker_batch=spec.worker_batch(world or spec.scaling.max_workers),
                 cache=shard_cache(spec, attempt),
                 cache_limit=data.shard_cache_limit,
                 canonical_nodes=data.canonical_nodes,

@@ -154,10 +154,16 @@ class ImageTensors(Dataset):
         return image, int(self.labels[index])
 
 
+def load(dataset: str, url: str) -> tuple[tuple, tuple, list[str]]:
+    """((train images, labels), (val images, labels), class names): uint8 [N, 3, 32, 32] and
+    int64 [N] arrays of the release at ``url``."""
+    return _load_svhn(url) if dataset == "svhn" else _load_cifar(dataset, url)
+
+
 def build(
     dataset: str, url: str, augment: bool, seed: int
 ) -> tuple[ImageTensors, ImageTensors, list[str]]:
-    loaded: Any = _load_svhn(url) if dataset == "svhn" else _load_cifar(dataset, url)
+    loaded: Any = load(dataset, url)
     (train_images, train_labels), (val_images, val_labels), classes = loaded
     return (
         ImageTensors(train_images, train_labels, PadCropFlip(4) if augment else None, seed),

@@ -2,10 +2,13 @@
 
 A packed dataset (``wrn-cluster data pack``) is a folder on any fsspec URL::
 
-    manifest.json               format and version, source, classes, per split: samples, images
-                                left out, and every shard's name, samples, size and SHA-256
+    manifest.json               format and version, source and its kind, classes, how images
+                                are stored, per split: samples, images left out, and every
+                                shard's name, samples, size and SHA-256
     train/index.json            Streaming's MDS index of the split's shards
-    train/shard.00000.mds ...   one MDS shard per part: the original JPEG bytes, label, index
+    train/shard.00000.mds ...   one MDS shard per part: each image as its source holds it (an
+                                ImageFolder's file bytes; CIFAR's and SVHN's uint8 pixels), its
+                                label and its index in the split
     train/parts/00000.json      a finished part's record (written after its shard: the marker)
     val/...                     the same for val
 
@@ -37,14 +40,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from wrn_cluster.data import imagefolder
+from wrn_cluster.data import cifar, imagefolder
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
-from wrn_cluster.data.transforms import RandomResizedCropFlip, SharedEpoch, training_image
+from wrn_cluster.data.transforms import (
+    PadCropFlip,
+    RandomResizedCropFlip,
+    SharedEpoch,
+    item_generator,
+    training_image,
+)
+from wrn_cluster.spec.datasets import DATASET_FACTS
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,8 @@ FORMAT = "wrn-cluster-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+KINDS = tuple(DATASET_FACTS)  # what `data pack` reads: every classification dataset
+FILE_BYTES = {"encoding": "file"}  # an image record is its source file's bytes
 COLUMNS = {"image": "bytes", "label": "int", "index": "int"}
 MDS_LIMIT = (1 << 32) - 1
 READ_AHEAD = 64  # source files read at once by a packing task
@@ -79,61 +92,99 @@ def _sha256(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Part:
-    """``images`` (paths relative to the split folder) with their ``labels`` and their indices
-    in the split, packed into shard number ``number`` of ``split``."""
+    """``images`` with their ``labels`` and their indices in the split, packed into shard number
+    ``number`` of ``split``. An ImageFolder's images are paths relative to the split folder;
+    those of an in-memory release (CIFAR, SVHN) are their indices, with ``pixels`` the SHA-256
+    of their pixels."""
 
     split: str
     number: int
     images: list[str]
     labels: list[int]
     first_index: int
+    pixels: str = ""
 
     def digest(self) -> str:
         """What the part holds (its images, labels and place in the split), to tell whether a
         finished part of an earlier pack is this one: the source or --images-per-shard may
         have changed since."""
-        text = json.dumps([self.split, self.first_index, self.images, self.labels])
+        text = json.dumps([self.split, self.first_index, self.images, self.labels, self.pixels])
         return _sha256(text.encode())
 
 
+@dataclass
+class Source:
+    """What `data pack` reads: the dataset's kind, classes and each split's parts; for CIFAR
+    and SVHN also each split's images, uint8 [N, 3, 32, 32], which go to the parts' tasks."""
+
+    kind: str
+    classes: list[str]
+    parts: dict[str, list[Part]]
+    arrays: dict[str, np.ndarray] | None = None
+
+    def image_format(self) -> dict[str, Any]:
+        if self.arrays is None:
+            return FILE_BYTES
+        return {"encoding": "raw", "dtype": "uint8", "shape": list(self.arrays["train"].shape[1:])}
+
+    def pixels_of(self, part: Part) -> np.ndarray | None:
+        return None if self.arrays is None else self.arrays[part.split]
+
+
 def plan_parts(
-    split: str, paths: list[str], labels: list[int], images_per_shard: int
+    split: str,
+    names: list[str],
+    labels: list[int],
+    images_per_shard: int,
+    images: np.ndarray | None = None,
 ) -> list[Part]:
-    return [
-        Part(
-            split,
-            n,
-            paths[start : start + images_per_shard],
-            labels[start : start + images_per_shard],
-            start,
-        )
-        for n, start in enumerate(range(0, len(paths), images_per_shard))
-    ]
+    parts = []
+    for n, start in enumerate(range(0, len(names), images_per_shard)):
+        end = start + images_per_shard
+        pixels = "" if images is None else _sha256(images[start:end].tobytes())
+        parts.append(Part(split, n, names[start:end], labels[start:end], start, pixels))
+    return parts
 
 
-def plan(src: str, images_per_shard: int) -> tuple[list[str], dict[str, list[Part]]]:
-    """(class names, each split's parts) of the ImageFolder dataset at ``src`` (one listing)."""
-    classes, train, val = imagefolder.scan(src)
+def plan(src: str, images_per_shard: int, kind: str = "imagefolder") -> Source:
+    """Every split's parts of the ``kind`` dataset at ``src`` (an ImageFolder is listed once, a
+    CIFAR or SVHN release read into memory)."""
+    if kind == "imagefolder":
+        classes, train, val = imagefolder.scan(src)
+        parts = {
+            split: plan_parts(
+                split,
+                [os.fsdecode(path) for path in index.paths],
+                index.labels.tolist(),
+                images_per_shard,
+            )
+            for split, index in (("train", train), ("val", val))
+        }
+        return Source(kind, classes, parts)
+    (train_images, train_labels), (val_images, val_labels), classes = cifar.load(kind, src)
+    arrays = {"train": train_images, "val": val_images}
+    labels = {"train": train_labels, "val": val_labels}
     parts = {
         split: plan_parts(
             split,
-            [os.fsdecode(path) for path in index.paths],
-            index.labels.tolist(),
+            [str(i) for i in range(len(arrays[split]))],
+            labels[split].tolist(),
             images_per_shard,
+            arrays[split],
         )
-        for split, index in (("train", train), ("val", val))
+        for split in SPLITS
     }
-    return classes, parts
+    return Source(kind, classes, parts, arrays)
 
 
-def pack_here(src: str, dst: str, images_per_shard: int) -> dict[str, Any]:
+def pack_here(src: str, dst: str, images_per_shard: int, kind: str = "imagefolder") -> dict:
     """`wrn-cluster data pack` without Ray: the unfinished parts one after the other, here."""
-    classes, parts = plan(src, images_per_shard)
-    for split_parts in parts.values():
+    source = plan(src, images_per_shard, kind)
+    for split_parts in source.parts.values():
         for part in split_parts:
             if not part_is_done(dst, part):
-                pack_part(src, dst, part)
-    return finish(src, dst, classes, parts, images_per_shard)
+                pack_part(src, dst, part, source.pixels_of(part))
+    return finish(src, dst, source, images_per_shard)
 
 
 def part_is_done(dst: str, part: Part) -> bool:
@@ -162,15 +213,34 @@ def _decodes(data: bytes) -> bool:
     return True
 
 
-def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
-    """Read the part's images from ``src`` (an ImageFolder URL), leave out those that do not
-    decode, write them as one MDS shard (the JPEG bytes as they are) and upload it to ``dst``,
+def _image_files(src: str, part: Part) -> Iterator[tuple[int, bytes | None]]:
+    """(offset in the part, the file's bytes, or None if it cannot be read or decoded) of each
+    image of an ImageFolder part, in order."""
+    src_fs, src_root = filesystem(src)
+    split_root = join(src_root, part.split)
+    for start in range(0, len(part.images), READ_AHEAD):
+        # Many GETs in flight at once (s3fs runs a list's requests concurrently): on object
+        # storage a part waits for the store's latency once per READ_AHEAD files.
+        paths = [join(split_root, p) for p in part.images[start : start + READ_AHEAD]]
+        found = src_fs.cat(paths, on_error="return")
+        for offset, path in enumerate(paths, start):
+            data = found.get(path)  # bytes, or the error reading it
+            yield offset, data if isinstance(data, bytes) and _decodes(data) else None
+
+
+def pack_part(src: str, dst: str, part: Part, pixels: np.ndarray | None = None) -> dict:
+    """Read the part's images from ``src`` (an ImageFolder URL; or, for CIFAR and SVHN, take
+    them from ``pixels``, its split's images), leave out those that do not decode, write them
+    as one MDS shard (each image's bytes as the source holds them) and upload it to ``dst``,
     then the part's record; returns the record."""
     from streaming import MDSWriter
 
-    src_fs, src_root = filesystem(src)
     dst_fs, dst_root = filesystem(dst)
-    split_root = join(src_root, part.split)
+    if pixels is None:
+        images = _image_files(src, part)
+    else:
+        first = part.first_index
+        images = enumerate(image.tobytes() for image in pixels[first : first + len(part.images)])
     left_out: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         # One shard per part, up to MDS's limit (its offsets are 32-bit).
@@ -178,19 +248,13 @@ def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
             out=scratch, columns=COLUMNS, size_limit=MDS_LIMIT, hashes=["sha256"]
         ) as writer:
             written = 0
-            for start in range(0, len(part.images), READ_AHEAD):
-                # Many GETs in flight at once (s3fs runs a list's requests concurrently): on
-                # object storage a part waits for the store's latency once per READ_AHEAD files.
-                paths = [join(split_root, p) for p in part.images[start : start + READ_AHEAD]]
-                found = src_fs.cat(paths, on_error="return")
-                for offset, path in enumerate(paths, start):
-                    data = found.get(path)  # bytes, or the error reading it
-                    if not isinstance(data, bytes) or not _decodes(data):
-                        left_out.append(part.images[offset])
-                        continue
-                    record = {"image": data, "label": part.labels[offset]}
-                    writer.write({**record, "index": part.first_index + offset})
-                    written += 1
+            for offset, data in images:
+                if data is None:
+                    left_out.append(part.images[offset])
+                    continue
+                record = {"image": data, "label": part.labels[offset]}
+                writer.write({**record, "index": part.first_index + offset})
+                written += 1
         index = json.loads(Path(scratch, "index.json").read_text())
         name = shard_name(part.number)
         if len(index["shards"]) > 1:
@@ -223,14 +287,12 @@ def pack_part(src: str, dst: str, part: Part) -> dict[str, Any]:
     return record
 
 
-def finish(
-    src: str, dst: str, classes: list[str], parts: dict[str, list[Part]], images_per_shard: int
-) -> dict[str, Any]:
+def finish(src: str, dst: str, source: Source, images_per_shard: int) -> dict[str, Any]:
     """Write each split's MDS index from its parts' records, then the manifest (last: a packed
     dataset without one is unfinished); returns the manifest."""
     fs, root = filesystem(dst)
     splits: dict[str, Any] = {}
-    for split, split_parts in parts.items():
+    for split, split_parts in source.parts.items():
         records = [
             json.loads(fs.cat_file(part_record_path(root, split, part.number)))
             for part in split_parts
@@ -255,8 +317,9 @@ def finish(
         "format": FORMAT,
         "version": VERSION,
         "source": src,
-        "kind": "imagefolder",
-        "classes": classes,
+        "kind": source.kind,
+        "image": source.image_format(),
+        "classes": source.classes,
         "images_per_shard": images_per_shard,
         "splits": splits,
     }
@@ -304,14 +367,23 @@ def size_in_bytes(size: str) -> int:
 
 
 def check(
-    url: str, num_classes: int | None = None, cache_limit: str | None = None
+    url: str,
+    num_classes: int | None = None,
+    cache_limit: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Read the manifest and list every shard: a missing shard, or one whose size differs from
     the manifest (cut short or replaced), is a DataError naming it, as is a ``cache_limit``
     (data.shard_cache_limit) under the four shards Streaming keeps. SHA-256 is checked as each
     shard is streamed (Streaming's ``validate_hash``). With ``num_classes`` (model.num_classes),
-    the packed classes must match it."""
+    the packed classes must match it; with ``dataset`` (data.dataset), the packed kind."""
     manifest = read_manifest(url)
+    if dataset is not None and manifest["kind"] != dataset:
+        raise DataError(
+            f"{url}: the shards were packed from a {manifest['kind']} dataset, but data.dataset "
+            f"is {dataset}; set data.dataset: {manifest['kind']}, or pack the {dataset} data "
+            f"with `wrn-cluster data pack SRC DST --dataset {dataset}`"
+        )
     classes = manifest["classes"]
     if num_classes is not None and num_classes != len(classes):
         raise DataError(
@@ -410,17 +482,36 @@ def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: i
 
 
 class ShardTransform:
-    """Decode and (for training) augment a record the way ImageFolder does its files."""
+    """Decode and (for training) augment a record as the files reader of its kind does its
+    images: an ImageFolder's file bytes as ``imagefolder``, CIFAR's and SVHN's pixels as
+    ``cifar`` (the paper's pad-crop-flip), each from the generator of (seed, epoch, index)."""
 
-    def __init__(self, url: str, size: int, eval_resize: int, augment: bool, seed: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        size: int,
+        eval_resize: int,
+        augment: bool,
+        seed: int,
+        image_format: dict[str, Any] = FILE_BYTES,
+    ) -> None:
         self.url = url
         self.size = size
         self.eval_resize = eval_resize
-        self.augment = RandomResizedCropFlip(size) if augment else None
         self.seed = seed
+        self.shape = tuple(image_format["shape"]) if image_format["encoding"] == "raw" else None
+        self.augment: Any = None
+        if augment:
+            self.augment = PadCropFlip(4) if self.shape else RandomResizedCropFlip(size)
 
     def __call__(self, record: dict[str, Any], epoch: int) -> tuple[torch.Tensor, int]:
         index = int(record["index"])
+        if self.shape is not None:  # uint8 pixels, as CIFAR and SVHN hold them
+            image = torch.frombuffer(bytearray(record["image"]), dtype=torch.uint8)
+            image = image.reshape(self.shape)
+            if self.augment is not None:
+                image = self.augment(image, item_generator(self.seed, epoch, index))
+            return image, int(record["label"])
         image = training_image(
             record["image"], self.augment, (self.seed, epoch, index), self.eval_resize, self.size
         )
@@ -564,10 +655,14 @@ def build(
         cache_limit=cache_limit,
     )
     val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+    image_format = manifest.get("image", FILE_BYTES)
     return (
         ShardStream(
-            url, train, ShardTransform(url, size, eval_resize, augment, seed), canonical_nodes
+            url,
+            train,
+            ShardTransform(url, size, eval_resize, augment, seed, image_format),
+            canonical_nodes,
         ),
-        ShardSplit(url, val, ShardTransform(url, size, eval_resize, False, seed)),
+        ShardSplit(url, val, ShardTransform(url, size, eval_resize, False, seed, image_format)),
         list(manifest["classes"]),
     )

@@ -25,7 +25,7 @@ class ClassifyData(DataSection):
     format: Literal["files", "shards"] = Field(
         "files",
         description="files: the dataset as its own files; shards: packed by `wrn-cluster data "
-        "pack` (imagefolder), streamed from its URL.",
+        "pack`, streamed from its URL.",
     )
     shard_cache: str | None = Field(
         None,
@@ -64,6 +64,10 @@ class ClassifyJob(
     kind: Literal["classify"]
     data: ClassifyData
 
+    @property
+    def uneven_shares(self) -> bool:
+        return self.data.format == "files"  # Streaming gives every rank the same batch size
+
     @model_validator(mode="after")
     def _data_fits_model(self) -> ClassifyJob:
         info = parse_name(self.model.arch)
@@ -86,12 +90,6 @@ class ClassifyJob(
                 "model.dropout",
                 f"dropout is defined for the CIFAR/SVHN family only, not {self.model.arch}; "
                 "set it to 0",
-            )
-        if self.data.format == "shards" and self.data.dataset != "imagefolder":
-            raise FieldError(
-                "data.format",
-                f"shards are packed from an imagefolder dataset, not {self.data.dataset}; set "
-                "data.dataset: imagefolder or data.format: files",
             )
         if self.data.format == "shards" and self.data.synthesize:
             raise FieldError(

@@ -6,12 +6,21 @@ and recipe sections, so the detection recipe's defaults differ without overridin
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Generic, Literal, Protocol, TypeVar
 from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from wrn_cluster.spec.datasets import DATASET_FACTS, MeanStd
 from wrn_cluster.spec.names import UnknownModelError, parse_name
@@ -157,14 +166,76 @@ class PrecisionSection(Section):
     compile: bool = False
 
 
+class WorkerRange(Section):
+    """An elastic worker group: Ray Train starts with what the cluster has (at least ``min``),
+    grows towards ``max`` as nodes join and shrinks, rather than stopping, when nodes leave."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise FieldError(
+                "scaling.workers.max", f"{self.max} is below min {self.min}; set max >= min"
+            )
+        return self
+
+
+def _workers_kind(value: object) -> str:
+    return "range" if isinstance(value, dict | WorkerRange) else "count"
+
+
+# A number or a range; the tag keeps a bad range from also being reported as a bad number.
+Workers = Annotated[
+    Annotated[int, Tag("count")] | Annotated[WorkerRange, Tag("range")],
+    Discriminator(_workers_kind),
+]
+
+
 class ScalingSection(Section):
-    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes).")
+    workers: Workers = Field(
+        2,
+        description="Ray Train workers (DDP processes): a number, or {min, max} for an elastic "
+        "group that shrinks and grows with the cluster.",
+    )
+    resize_check_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="How often an elastic group looks for room to grow (Ray Train's "
+        "elastic_resize_monitor_interval_s); growing restarts it from the last checkpoint.",
+    )
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, ge=0.0)
     cpus_per_worker: float = Field(1.0, gt=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers: SPREAD puts them on different nodes."
     )
+
+    @field_validator("workers")
+    @classmethod
+    def _at_least_one(cls, workers: int | WorkerRange) -> int | WorkerRange:
+        if isinstance(workers, int) and workers < 1:
+            raise ValueError(f"{workers} workers; use 1 or more, or {{min: 1, max: N}}")
+        return workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.max if isinstance(self.workers, WorkerRange) else self.workers
+
+    def describe(self) -> str:
+        """'2', or '1-4 (elastic)'."""
+        if isinstance(self.workers, WorkerRange):
+            return f"{self.workers.min}-{self.workers.max} (elastic)"
+        return str(self.workers)
 
 
 class CheckpointSection(Section):
@@ -180,6 +251,24 @@ class CheckpointSection(Section):
     )
     keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        description="Restarts after a node is preempted (drained), apart from max_failures; "
+        "-1 for unlimited (Ray Train's max_preemption_failures).",
+    )
+    preemption_check_steps: int = Field(
+        10,
+        ge=1,
+        description="Ask Ray Train every N steps whether a node is being drained; on a notice "
+        "every worker checkpoints at once (just in time, before the deadline).",
+    )
+    upload: Literal["async", "sync"] = Field(
+        "async",
+        description="async: training goes on while a checkpoint uploads (Ray Train's ASYNC "
+        "mode, one upload at a time; a step checkpoint due while one is uploading is skipped); "
+        "sync: every worker waits for the upload.",
+    )
     upload_attempts: int = Field(
         6, ge=1, description="Tries to store a checkpoint before the job stops with an error."
     )
@@ -258,17 +347,52 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> JobBase:
-        batch = self.data.batch_size
-        micro = self.scaling.workers * self.optimizer.grad_accum_steps
-        if batch % micro:
+        batch, accum, scaling = self.data.batch_size, self.optimizer.grad_accum_steps, self.scaling
+        if not scaling.elastic:
+            micro = scaling.max_workers * accum
+            if batch % micro:
+                raise FieldError(
+                    "data.batch_size",
+                    f"{batch} does not split evenly over {scaling.workers} workers x "
+                    f"{accum} accumulation steps; use a multiple of {micro}",
+                )
+            return self
+        if batch % accum or batch // accum < scaling.max_workers:
             raise FieldError(
                 "data.batch_size",
-                f"{batch} does not split evenly over {self.scaling.workers} workers x "
-                f"{self.optimizer.grad_accum_steps} accumulation steps; use a multiple of {micro}",
+                f"{batch} does not give each of up to {scaling.max_workers} workers a share of "
+                f"{accum} equal micro-batches; use a multiple of {accum} of at least "
+                f"{accum * scaling.max_workers}",
             )
+        if not self.uneven_shares:
+            sizes = range(scaling.min_workers, scaling.max_workers + 1)
+            uneven = [w for w in sizes if (batch // accum) % w]
+            if uneven:
+                need = math.lcm(*sizes) * accum
+                raise FieldError(
+                    "data.batch_size",
+                    f"{batch} does not split evenly over {uneven[0]} workers x {accum} "
+                    f"accumulation steps, a size the elastic range "
+                    f"{scaling.min_workers}-{scaling.max_workers} can take, and this reader "
+                    f"needs equal shares; use a multiple of {need}, or a narrower range",
+                )
         return self
 
     @property
+    def uneven_shares(self) -> bool:
+        """Whether ranks may take unequal shares of a batch (the loss weighs each by its size):
+        the file readers can; packed shards and aspect-ratio groups split evenly."""
+        return False
+
+    def global_micro_batch(self) -> int:
+        """Samples of one micro-batch over all workers: the global batch / accumulation."""
+        return self.data.batch_size // self.optimizer.grad_accum_steps
+
+    def worker_batch(self, world: int) -> int:
+        """The most samples one of ``world`` ranks takes from a micro-batch."""
+        return -(-self.global_micro_batch() // world)
+
+    @property
     def per_worker_batch(self) -> int:
-        micro = self.scaling.workers * self.optimizer.grad_accum_steps
-        return self.data.batch_size // micro
+        """A fixed group's per-rank micro-batch (an elastic one's is ``worker_batch(world)``)."""
+        return self.worker_batch(self.scaling.max_workers)

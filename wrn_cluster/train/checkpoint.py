@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -223,6 +224,33 @@ def upload_to_run(attempts: int, backoff_s: float):
         return ray.train.Checkpoint(destination, storage.storage_filesystem)
 
     return upload_fn
+
+
+class UploadsInFlight:
+    """Rank 0's count of the checkpoints it handed to Ray Train's background upload that have
+    not finished uploading (Ray uploads them one at a time, in order)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._count > 0
+
+    def track(self, upload_fn: Any) -> Any:
+        """``upload_fn`` counted: call the result for one checkpoint handed over."""
+        with self._lock:
+            self._count += 1
+
+        def counted(local: Any, name: str) -> Any:
+            try:
+                return upload_fn(local, name)
+            finally:
+                with self._lock:
+                    self._count -= 1
+
+        return counted
 
 
 def storage_validated(storage: Any) -> None:

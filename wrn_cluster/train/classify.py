@@ -19,14 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from wrn_cluster import data
 from wrn_cluster.data.shards import ShardStream
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob
 from wrn_cluster.train import metrics, optim, order, precision
-from wrn_cluster.train.order import ResumableBatches, StreamBatches, loader_generator
+from wrn_cluster.train.order import (
+    EpochBatches,
+    ResumableBatches,
+    StreamBatches,
+    loader_generator,
+)
 
 SUMS = metrics.CLASSIFY_SUMS
 
@@ -54,7 +59,7 @@ def memory_format(spec: ClassifyJob, device: torch.device) -> torch.memory_forma
 def parts(spec: ClassifyJob, rank: int, device: torch.device) -> Parts:
     world = dist.get_world_size() if dist.is_initialized() else 1
     attempt = order.attempt_token(world) if spec.data.format == "shards" else "0"
-    train_set, val_set, class_names = data.build_datasets(spec, attempt)
+    train_set, val_set, class_names = data.build_datasets(spec, attempt, world)
     num_classes = spec.model.num_classes or len(class_names)
     model = build_model(spec.model.arch, num_classes, dropout=spec.model.dropout)
     model = model.to(device, memory_format=memory_format(spec, device))
@@ -80,18 +85,19 @@ def loaders(
         "generator": loader_generator(spec.seed, rank),
     }
     batches: ResumableBatches | StreamBatches
+    share = spec.worker_batch(world)  # the most a rank takes from a micro-batch
     if isinstance(train_set, ShardStream):  # the stream orders and splits the epoch itself
-        batches = StreamBatches(train_set, spec.per_worker_batch, rank, world, workers)
-        train_loader = DataLoader(train_set, batch_size=spec.per_worker_batch, **options)
+        batches = StreamBatches(train_set, share, rank, world, workers)
+        train_loader = DataLoader(train_set, batch_size=share, **options)
     else:
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
-        batches = ResumableBatches(BatchSampler(sampler, spec.per_worker_batch, drop_last=False))
+        epoch_batches = EpochBatches(
+            len(train_set), spec.global_micro_batch(), rank, world, spec.seed
+        )
+        batches = ResumableBatches(epoch_batches)
         train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank evaluates a disjoint slice, so no image is counted twice.
     val_loader = DataLoader(
-        Subset(val_set, range(rank, len(val_set), world)),
-        batch_size=spec.per_worker_batch * 2,
-        **options,
+        Subset(val_set, range(rank, len(val_set), world)), batch_size=share * 2, **options
     )
     return batches, train_loader, val_loader
 
@@ -134,11 +140,17 @@ class TrainStep:
         return to_input(images, self.device, self.scale, self.shift)
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, last_micro: bool = True
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        last_micro: bool = True,
+        weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch: (mean loss, [loss sum, correct, counted, skipped]) on the device.
 
         Label -1 marks an unreadable image: it adds nothing to the loss and is counted as skipped.
+        ``weight`` scales this rank's gradient when ranks hold unequal shares of the batch
+        (``order.EpochBatches.weight``); at 1.0 it changes nothing.
         """
         labels = labels.to(self.device, non_blocking=True)
         valid = labels >= 0
@@ -157,7 +169,7 @@ class TrainStep:
             )
             # The mean over readable images; a batch with none gives 0 (no update), not NaN.
             loss = loss_sum / counted.clamp(min=1)
-            self.scaler.scale(loss / self.accum_steps).backward()
+            self.scaler.scale(loss * weight / self.accum_steps).backward()
         if last_micro:
             # A fused optimizer checks fp16 overflow on the device: no sync in scaler.step.
             self.scaler.step(self.optimizer)

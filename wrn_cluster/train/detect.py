@@ -47,7 +47,11 @@ class DetectStep:
     accum_steps: int = 1
 
     def __call__(
-        self, images: list[torch.Tensor], targets: list[dict], last_micro: bool = True
+        self,
+        images: list[torch.Tensor],
+        targets: list[dict],
+        last_micro: bool = True,
+        weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch: (total loss, [total and each loss x images, images, skipped])."""
         wanted = [
@@ -61,7 +65,7 @@ class DetectStep:
                 losses = self.model(to_inputs(images, self.device), wanted)
             parts = torch.stack([losses[name].float() for name in LOSSES])
             loss = parts.sum()
-            self.scaler.scale(loss / self.accum_steps).backward()
+            self.scaler.scale(loss * weight / self.accum_steps).backward()
         if last_micro:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -127,7 +131,7 @@ def loaders(
         "collate_fn": coco.collate,
         "generator": loader_generator(spec.seed, rank),
     }
-    batch = spec.per_worker_batch
+    batch = spec.worker_batch(world)  # equal shares: the spec refuses uneven ones here
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
     batches = ResumableBatches(
         coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)

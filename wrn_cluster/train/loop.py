@@ -1,7 +1,12 @@
 """The loop each Ray Train worker runs, for classification and detection alike: resume (inside
 an epoch, if a step checkpoint left off there), then per epoch the steps (with a report and
-checkpoint every ``checkpoint.every_steps``), the evaluation, and one report (with a checkpoint
-when one is due).
+checkpoint every ``checkpoint.every_steps``, and one at once when Ray Train says a node is being
+preempted), the evaluation, and one report (with a checkpoint when one is due).
+
+Checkpoints upload in the background by default (Ray Train's ASYNC mode, one at a time): the
+steps go on while rank 0's checkpoint uploads, and a step checkpoint due while the previous one
+is still uploading is skipped rather than queued. A just-in-time checkpoint on a preemption
+notice uploads before the loop goes on: it must be stored before the node goes.
 
 What differs by task (datasets, network, loaders, step, evaluation) comes from
 ``train.classify`` or ``train.detect``; the loop does not know whether a search runs it.
@@ -57,40 +62,66 @@ def train_func(config: dict[str, Any]) -> None:
         epochs, samples = spec.schedule.epochs, resumed.samples_in_epoch
         line = metrics.resume_line(spec.name, epochs, resumed.epoch, samples, scheduler.last_epoch)
         print(line, flush=True)
+    was = resumed.data_order.get("workers", world) if resumed.resumes else world
+    if was != world and rank == 0:  # an elastic group lost or gained workers
+        print(metrics.resize_line(spec.name, was, world, scheduler.last_epoch), flush=True)
     tracker = None
     if rank == 0 and config.get("tracking"):
         tracker = tracking.RunTracker(spec, config["tracking"], run_id=resumed.mlflow_run_id)
         resumed.mlflow_run_id = tracker.run_id
         if not resumed.resumes and parts.params:
             tracker.log_params(parts.params)
+        if not resumed.resumes or was != world:  # the worker count over the run's steps
+            tracker.log_metrics({"workers": world}, scheduler.last_epoch)
     upload = checkpoint.upload_to_run(
         spec.checkpoint.upload_attempts, spec.checkpoint.upload_backoff_s
     )
     accum, log_every = spec.optimizer.grad_accum_steps, spec.tracking.log_every_steps
     every_steps = spec.checkpoint.every_steps
+    in_background = spec.checkpoint.upload == "async"
+    uploading = checkpoint.UploadsInFlight()
+    preemption = Preemption(spec.checkpoint.preemption_check_steps)
 
-    def report_with_checkpoint(report: dict[str, Any], epoch: int, samples: int = 0) -> None:
-        """Report with a checkpoint (a collective: every rank calls it); rank 0 writes it."""
+    def report_with_checkpoint(
+        report: dict[str, Any], epoch: int, samples: int = 0, wait: bool = False
+    ) -> None:
+        """Report with a checkpoint (a collective: every rank calls it); rank 0 writes it and,
+        unless told to ``wait`` or the spec says sync, hands it to the background upload."""
         rng = checkpoint.gather_rng_states(world)
+        if in_background and not wait:
+            saved = None
+            if rank == 0:  # Ray deletes the folder once it is uploaded
+                directory = tempfile.mkdtemp(prefix="wrn-checkpoint-")
+                checkpoint.save(directory, state_now(report, epoch, samples, rng))
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(
+                report,
+                checkpoint=saved,
+                checkpoint_upload_fn=uploading.track(upload) if saved else upload,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            )
+            return
         with tempfile.TemporaryDirectory() as directory:
             saved = None
             if rank == 0:
-                state = checkpoint.training_state(
-                    training,
-                    arch=spec.model.arch,
-                    num_classes=parts.num_classes,
-                    epoch=epoch,
-                    samples_in_epoch=samples,
-                    seed=spec.seed,
-                    order_facts=order.order_facts(spec, world),
-                    rng=rng,
-                    resumed=resumed,
-                    metrics=report,
-                    extra=parts.extra_state,
-                )
-                checkpoint.save(directory, state)
+                checkpoint.save(directory, state_now(report, epoch, samples, rng))
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(report, checkpoint=saved, checkpoint_upload_fn=upload)
+
+    def state_now(report: dict[str, Any], epoch: int, samples: int, rng: list) -> dict[str, Any]:
+        return checkpoint.training_state(
+            training,
+            arch=spec.model.arch,
+            num_classes=parts.num_classes,
+            epoch=epoch,
+            samples_in_epoch=samples,
+            seed=spec.seed,
+            order_facts=order.order_facts(spec, world),
+            rng=rng,
+            resumed=resumed,
+            metrics=report,
+            extra=parts.extra_state,
+        )
 
     for epoch in range(resumed.epoch, spec.schedule.epochs):
         epoch_start = time.perf_counter()
@@ -98,14 +129,14 @@ def train_func(config: dict[str, Any]) -> None:
         skip = 0
         if epoch == resumed.epoch and resumed.samples_in_epoch:
             samples = resumed.samples_in_epoch
-            skip = order.micro_batches_done(samples, spec.per_worker_batch, world)
+            skip = order.micro_batches_done(samples, spec.global_micro_batch())
         batches.set_epoch(epoch, skip)
         parts.train_set.set_epoch(epoch)
         model.train()
         sums = metrics.Sums(task.SUMS)
         for i, (inputs, targets) in enumerate(train_loader, start=skip):
             last_micro = (i + 1) % accum == 0 or i + 1 == len(batches)
-            loss, stats = step(inputs, targets, last_micro)
+            loss, stats = step(inputs, targets, last_micro, batches.weight(i, len(targets)))
             sums.add(stats)  # stays on the device; read once at the end of the epoch
             if not last_micro:
                 continue
@@ -113,11 +144,23 @@ def train_func(config: dict[str, Any]) -> None:
             done, lr = scheduler.last_epoch, step.optimizer.param_groups[0]["lr"]
             if tracker and done % log_every == 0:
                 tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr}, done)
-            if every_steps and done % every_steps == 0 and i + 1 < len(batches):
+            notice = preemption.asked(done)  # a collective every preemption_check_steps
+            step_due = bool(every_steps) and done % every_steps == 0
+            # A step checkpoint due while the previous upload runs is skipped (rank 0 knows;
+            # the others follow its broadcast), so uploads never pile up behind the steps.
+            if step_due and notice is None and in_background:
+                step_due = not broadcast(uploading.busy() if rank == 0 else None)
+            if (step_due or notice is not None) and i + 1 < len(batches):
                 samples = order.samples_done((i + 1) // accum, spec.data.batch_size)
                 elapsed = time.perf_counter() - job_start
                 report = metrics.step_metrics(epoch, done, samples, loss.item(), lr, elapsed)
-                report_with_checkpoint(report, epoch, samples)
+                report["workers"] = world
+                saving = time.perf_counter()
+                report_with_checkpoint(report, epoch, samples, wait=notice is not None)
+                if notice is not None and rank == 0:
+                    print(preemption.line(spec.name, notice, done, saving), flush=True)
+            elif notice is not None:  # the epoch's last step: its end checkpoints at once
+                preemption.pending = notice
         train = metrics.train_metrics(
             spec.kind, sums.read(world), time.perf_counter() - epoch_start
         )
@@ -127,12 +170,61 @@ def train_func(config: dict[str, Any]) -> None:
         report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)
         if tracker:
             tracker.log_metrics(report, step=epoch + 1)
-        if checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
+        report["workers"] = world  # for the progress line; MLflow has it by optimizer step
+        notice, preemption.pending = preemption.pending, None
+        if notice is not None:
+            saving = time.perf_counter()
+            report_with_checkpoint(report, epoch, wait=True)
+            if rank == 0:
+                print(preemption.line(spec.name, notice, scheduler.last_epoch, saving), flush=True)
+        elif checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
             report_with_checkpoint(report, epoch)
         else:
             ray.train.report(report)
     if tracker:
         tracker.close()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (Ray Train's collective; every rank calls it)."""
+    import ray.train.collective
+
+    return ray.train.collective.broadcast_from_rank_zero(value)
+
+
+class Preemption:
+    """Ray Train's preemption notices, asked for every ``every_steps`` steps: a node of the
+    worker group is being drained (a spot reclaim, a Kubernetes eviction, ``ray drain-node``)
+    and goes at a deadline. Each drained node is answered once, with a checkpoint at once."""
+
+    def __init__(self, every_steps: int) -> None:
+        self.every_steps = every_steps
+        self.answered: set[str] = set()
+        self.pending: Any = None  # a notice at an epoch's last step, for the epoch's end
+
+    def asked(self, step: int) -> Any:
+        """A new notice (Ray's PreemptionInfo), or None; a collective at every N-th step."""
+        import ray.train
+
+        if step % self.every_steps:
+            return None
+        info = ray.train.get_preemption_info()
+        if info is None or set(info.preempted_node_ids) <= self.answered:
+            return None
+        self.answered.update(info.preempted_node_ids)
+        return info
+
+    @staticmethod
+    def line(job_name: str, notice: Any, step: int, started: float) -> str:
+        took = time.perf_counter() - started
+        left = ""
+        if notice.deadline_ms is not None:
+            left = f", {notice.deadline_ms / 1000 - time.time():.0f}s before its deadline"
+        nodes = ", ".join(node[:8] for node in notice.preempted_node_ids)
+        return (
+            f"[{job_name}] node {nodes} is being preempted: checkpointed at step {step} in "
+            f"{took:.1f}s{left}"
+        )
 
 
 def quiet_ray_train_logs() -> None:

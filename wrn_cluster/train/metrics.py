@@ -104,13 +104,25 @@ def resume_line(job_name: str, epochs: int, epoch: int, samples: int, step: int)
     return f"[{job_name}] resumed at the start of epoch {epoch + 1}/{epochs} (step {step})"
 
 
-def progress_line(job_name: str, kind: str, epochs: int, m: dict[str, Any]) -> str:
-    """The driver's line for one report: an epoch's scores, or where a step checkpoint stands."""
+def resize_line(job_name: str, was: int, now: int, step: int) -> str:
+    """A worker's line when an elastic group continues on another number of workers."""
+    how = "shrank" if now < was else "grew"
+    return f"[{job_name}] {how} from {was} to {now} workers at step {step}"
+
+
+def progress_line(
+    job_name: str, kind: str, epochs: int, m: dict[str, Any], elastic: bool = False
+) -> str:
+    """The driver's line for one report: an epoch's scores, or where a step checkpoint stands;
+    an elastic group's lines end with its current worker count."""
+    on = ""
+    if elastic and "workers" in m:
+        on = f"  {m['workers']} worker{'s' if m['workers'] != 1 else ''}"
     if "samples_in_epoch" in m:
         return (
             f"[{job_name}] epoch {m['epoch']}/{epochs} step {m['step']}: "
             f"{m['samples_in_epoch']} samples in  train loss {m['step_train_loss']:.4f}  "
-            f"lr {m['lr']:.4g}"
+            f"lr {m['lr']:.4g}{on}"
         )
     if kind == "detect":
         scores = f"train loss {m['train_loss']:.4f}  " + " ".join(
@@ -123,5 +135,5 @@ def progress_line(job_name: str, kind: str, epochs: int, m: dict[str, Any]) -> s
         )
     return (
         f"[{job_name}] epoch {m['epoch']}/{epochs}  {scores}  lr {m['lr']:.4g}  "
-        f"{m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s"
+        f"{m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s{on}"
     )

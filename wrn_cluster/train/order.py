@@ -61,8 +61,13 @@ class ResumableBatches(Sampler[list[int]]):
         """Start ``epoch`` (0-based) after its first ``skip`` batches of this rank."""
         if not 0 <= skip <= len(self.batches):
             raise ValueError(f"cannot skip {skip} of the epoch's {len(self.batches)} batches")
-        self.batches.sampler.set_epoch(epoch)
+        getattr(self.batches, "sampler", self.batches).set_epoch(epoch)
         self.skip = skip
+
+    def weight(self, micro_batch: int, size: int) -> float:
+        """How much this rank's mean loss over ``size`` samples counts (see EpochBatches)."""
+        weigh = getattr(self.batches, "weight", None)
+        return weigh(micro_batch, size) if weigh else 1.0
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = iter(self.batches)
@@ -74,21 +79,79 @@ class ResumableBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+class EpochBatches:
+    """This rank's micro-batches of an epoch, for any number of ranks.
+
+    Micro-batch j of the epoch holds positions ``[j * M, (j + 1) * M)`` of the epoch's order
+    (torch's ``DistributedSampler`` permutation for seed + epoch; M the global micro-batch) and
+    position ``j * M + q`` goes to rank ``q % world``. When ``world`` divides M that is exactly
+    ``BatchSampler(DistributedSampler(...), M // world)``; when it does not (an elastic group of
+    3 with a batch of 128), shares differ by one and ``weight`` makes each rank's mean loss count
+    by its share, so DDP's average of the ranks' gradients is the gradient of the batch's mean.
+    The last micro-batch of an epoch is padded from the epoch's start as ``DistributedSampler``
+    pads it when the shares are equal, and otherwise only as far as one sample for every rank;
+    nothing is padded when the global micro-batch divides the data set.
+    """
+
+    def __init__(self, size: int, global_micro: int, rank: int, world: int, seed: int) -> None:
+        if global_micro < world:
+            raise ValueError(f"a micro-batch of {global_micro} cannot feed {world} ranks")
+        self.size, self.micro, self.seed = size, global_micro, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self.full = (len(self) - 1) * global_micro  # positions before the last micro-batch
+        last = size - self.full
+        if global_micro % world == 0:  # as DistributedSampler pads: equal shares to the end
+            last = -(-last // world) * world
+        self.total = self.full + max(last, world)  # at least one sample for every rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.micro)
+
+    def order(self) -> list[int]:
+        """The epoch's positions, padded: what every rank draws its share from."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        indices = torch.randperm(self.size, generator=generator).tolist()
+        while len(indices) < self.total:
+            indices += indices[: self.total - len(indices)]
+        return indices
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = self.order()
+        for j in range(len(self)):
+            start = j * self.micro
+            yield indices[start + self.rank : start + self.global_size(j) : self.world]
+
+    def global_size(self, micro_batch: int) -> int:
+        """Samples of micro-batch ``micro_batch`` over all ranks: M, and what is left (padded)
+        for the last."""
+        return self.micro if micro_batch < len(self) - 1 else self.total - self.full
+
+    def weight(self, micro_batch: int, size: int) -> float:
+        """``size * world / global size``: exactly 1.0 when the shares are equal."""
+        return size * self.world / self.global_size(micro_batch)
+
+
 def samples_done(steps_in_epoch: int, batch_size: int) -> int:
     """Samples of the epoch trained after ``steps_in_epoch`` optimizer steps of ``batch_size``
     (the global batch): what a step checkpoint records."""
     return steps_in_epoch * batch_size
 
 
-def micro_batches_done(samples: int, per_worker_batch: int, world: int) -> int:
-    """The micro-batches each of ``world`` ranks skips to continue after ``samples`` samples of
-    an epoch; refuses a count that does not fall on a whole micro-batch of every rank."""
-    micro, rest = divmod(samples, per_worker_batch * world)
+def micro_batches_done(samples: int, global_micro: int) -> int:
+    """The micro-batches every rank skips to continue after ``samples`` samples of an epoch
+    (``global_micro`` samples a micro-batch over all ranks); refuses a count that does not fall
+    on a whole micro-batch."""
+    micro, rest = divmod(samples, global_micro)
     if rest:
         raise ValueError(
-            f"the checkpoint stopped after {samples} samples of its epoch, which {world} "
-            f"workers x {per_worker_batch} samples a micro-batch cannot continue from exactly; "
-            "keep data.batch_size as it was, with a worker count that divides it"
+            f"the checkpoint stopped after {samples} samples of its epoch, which micro-batches "
+            f"of {global_micro} samples cannot continue from exactly; keep data.batch_size and "
+            "optimizer.grad_accum_steps as they were"
         )
     return micro
 
