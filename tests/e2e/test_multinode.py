@@ -29,7 +29,10 @@ pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
 BUCKET = "wrn-multinode"
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-EPOCHS_ELASTIC = 8
+EPOCHS_ELASTIC = 10
+# After a node is lost, an elastic group first waits this long for its maximum (60 s by default)
+# before it starts with what is there.
+ELASTIC_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def cluster(s3_env):
 
     # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="wrn-mn-"))
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env}
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env, **ELASTIC_ENV}
     gcs, dashboard, client, *ports = free_ports(15)
     common = [
         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=100000000",
@@ -210,8 +213,11 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
 
+    def text() -> str:  # the submit shows some lines of the job's log twice: once each here
+        return "".join(dict.fromkeys(lines))
+
     def printed(pattern: str, count: int = 1) -> bool:
-        return len(re.findall(pattern, "".join(lines))) >= count
+        return len(re.findall(pattern, text())) >= count
 
     try:
         states = f"{BUCKET}/runs/elastic/checkpoint_*/{checkpoint.STATE_FILE}"
@@ -229,13 +235,19 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
         wait_until(lambda: printed(r"shrank from 2 to 1"), 180, "the group to shrink to 1")
         third_port = _start_node(cluster, s3_env)  # a node joins: the group grows at its next check
         wait_until(lambda: printed(r"grew from 1 to 2"), 180, "the group to grow back to 2")
+        wait_until(
+            lambda: printed(r"grew from 1 to 2(.|\n)*step \d+: .* 2 workers  checkpoint"),
+            120,
+            "a checkpoint of the 2 workers",
+        )
         stop_processes_of(cluster.temp, marker=f"={third_port}")  # gone without notice
         wait_until(lambda: printed(r"shrank from 2 to 1", 2), 180, "the group to shrink again")
         proc.wait(timeout=600)
         reader.join(timeout=10)
     finally:
         proc.kill()
-    output = "".join(lines)
+    output = text()
+    print(output)  # shown with -s: the lines the README quotes
     assert proc.returncode == 0, output
     found = re.search(
         r"\[elastic\] node [0-9a-f]{8} is being preempted: checkpointed at step (\d+) in "
@@ -256,7 +268,7 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
     assert [how for how, _ in resizes] == ["shrank", "grew", "shrank"], output
     assert resizes[0][1] >= jit_step, output
     resumed = [int(step) for step in re.findall(r"\[elastic\] resumed .*\(step (\d+)\)", output)]
-    assert resumed == [step for _, step in resizes], output
+    assert {step for _, step in resizes} <= set(resumed), output
     s3.invalidate_cache()
     saved = {
         torch.load(io.BytesIO(s3.cat_file(path)), weights_only=True)["step"]: path
@@ -265,7 +277,7 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
     assert jit_step in saved and all(step in saved for step in resumed)
     final = torch.load(io.BytesIO(s3.cat_file(saved[max(saved)])), weights_only=True)
     assert final["epoch"] == epochs and final["step"] == epochs * steps_per_epoch
-    assert len(final["resumes"]) == 3 and final["data_order"]["workers"] in (1, 2)
+    assert len(final["resumes"]) >= 3 and final["data_order"]["workers"] == 1
     # The learning rate at each epoch's end is the unresized schedule's.
     spec = parse(yaml.safe_dump(job), "elastic.yaml")
     factor = optim.lr_multiplier(spec, steps_per_epoch)
@@ -284,7 +296,7 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
 
 def _start_node(cluster: Cluster, s3_env: dict) -> int:
     """Another node of 2 CPUs joins the cluster; returns its node manager's port."""
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env}
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env, **ELASTIC_ENV}
     ports = free_ports(6)
     command = [
         f"{VENV_BIN}/ray", "start", f"--address={cluster.gcs}", "--node-ip-address=127.0.0.1",
