@@ -223,6 +223,20 @@ def test_the_plan_names_step_checkpoints(embedded):
     ) in result.stdout
 
 
+def test_the_plan_of_an_elastic_group_gives_its_range_and_shares(embedded):
+    write_imagefolder(str(embedded / "data"), classes=4, per_class=40, size=16)
+    spec = job(embedded, scaling={"workers": {"min": 1, "max": 3}}, data={"batch_size": 64})
+    result, _ = dry_run(embedded, spec)
+    assert result.exit_code == 0, result.output
+    assert "1-3 (elastic) x 1 CPU (PACK)" in result.stdout
+    assert "64 global = the workers' shares, 22-64 each" in result.stdout
+    # It needs room for its minimum only: 5 workers' worth of CPUs is more than the 4 here.
+    too_many = job(embedded, scaling={"workers": {"min": 5, "max": 8}}, data={"batch_size": 64})
+    result, _ = dry_run(embedded, too_many)
+    assert result.exit_code != 0
+    assert "asks for 5 CPU (5 workers x 1 CPU)" in result.output
+
+
 def test_the_plan_checks_packed_shards_and_names_a_missing_one(embedded):
     from wrn_cluster.data import shards
 

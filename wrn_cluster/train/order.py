@@ -184,6 +184,9 @@ class StreamBatches:
             raise ValueError(f"cannot skip {skip} of the epoch's {len(self)} batches")
         self.stream.start_epoch(epoch, skip * self.per_worker_batch * self.world)
 
+    def weight(self, micro_batch: int, size: int) -> float:
+        return 1.0  # Streaming gives every rank the same batch size (the spec sees to it)
+
     def __len__(self) -> int:
         return self.batches
 
