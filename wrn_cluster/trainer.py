@@ -15,6 +15,7 @@ from wrn_cluster.models import build_model
 from wrn_cluster.models.detection import from_checkpoint
 from wrn_cluster.spec import ClassifyJob, DetectJob
 from wrn_cluster.train import checkpoint
+from wrn_cluster.train.checkpoint import prune as prune_checkpoints
 from wrn_cluster.train.loop import train_func
 from wrn_cluster.train.metrics import progress_line
 
@@ -36,6 +37,36 @@ def progress_printer(spec: ClassifyJob | DetectJob):
             print(line + (f"  checkpoint -> {checkpoint.path}" if checkpoint else ""), flush=True)
 
     return ProgressPrinter()
+
+
+def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None):
+    """A Ray Train callback that, after each checkpoint, retires the ones checkpoint.keep and
+    keep_best do not hold, never one a registered model version was made from. Ray keeps them
+    all (num_to_keep=None): its own policy keeps the newest N or the best N, not both. It runs
+    in the Train controller."""
+    from ray.train import UserCallback
+
+    model = spec.tracking.registered_model if context and spec.tracking.enabled else None
+
+    def protected() -> set[str]:
+        return tracking.registered_sources(context.tracking_uri, model) if model else set()
+
+    class Retention(UserCallback):
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            if checkpoint is None:
+                return
+            run_folder = checkpoint.path.rstrip("/").rpartition("/")[0]
+            policy = spec.checkpoint
+            prune_checkpoints(
+                run_folder,
+                checkpoint.filesystem,
+                policy.keep,
+                policy.keep_best,
+                spec.tracking.promotion_metric,
+                protected,
+            )
+
+    return Retention()
 
 
 def build(
@@ -74,8 +105,9 @@ def build(
                 max_failures=spec.checkpoint.max_failures,
                 max_preemption_failures=spec.checkpoint.max_preemptions,
             ),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=callbacks,
+            # Retention is ours (the callback): Ray keeps every checkpoint it registers.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=[*(callbacks or []), retention(spec, context)],
             # Our progress line says per epoch what Ray Train's INFO lines say per report.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

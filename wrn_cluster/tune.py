@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -88,13 +89,15 @@ def _trial(config: dict[str, Any], spec_json: dict, tracking_context: RunContext
         context = dataclasses.replace(
             tracking_context, extra_params={k: str(v) for k, v in config.items()}
         )
+    print(f"[{spec.name}] trial {tune.get_context().get_trial_id()} runs {config}", flush=True)
     trainer.build(job, [TuneReportCallback()], context).fit()
 
 
 def run(spec: TuneJob, tracking_context: RunContext | None, say=print) -> ResultGrid:
-    """Run the search, print the results table, log the sweep, register the best network."""
+    """Run the search, print the results table, log the sweep, register the best network. A
+    search of this name already in the storage is resumed (Tune's restore): its finished trials
+    are not run again, and its unfinished ones continue from their checkpoints."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     num_classes = spec.model.num_classes or data.num_classes(spec)
     kept, skipped = within_budget(spec, num_classes)
@@ -107,49 +110,50 @@ def run(spec: TuneJob, tracking_context: RunContext | None, say=print) -> Result
         )
     facts = {f["name"]: f for f in kept}
 
-    parent = None
-    if tracking_context:
-        parent = tracking.open_sweep(spec, tracking_context)
-        tracking_context = dataclasses.replace(tracking_context, parent_run_id=parent)
-
-    settings = spec.tune
-    scheduler = (
-        ASHAScheduler(
-            time_attr="epoch",
-            max_t=spec.schedule.epochs,
-            grace_period=settings.grace_period,
-            reduction_factor=settings.reduction_factor,
-        )
-        if settings.scheduler == "asha"
-        else FIFOScheduler()
-    )
-
     storage_path, storage_fs = storage.train_storage(spec.checkpoint.storage_url())
-    tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(
-                _trial, spec_json=spec.model_dump(mode="json"), tracking_context=tracking_context
-            ),
-            # The trial only waits on its TorchTrainer, whose workers hold the CPUs; Tune
-            # refuses an empty request, so it asks for a sliver.
-            {"CPU": 0.01},
+    path = f"{storage_path.rstrip('/')}/{spec.name}"
+    fs = storage_fs or _local_fs()
+    restoring = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
+    record = _read_record(fs, path) if restoring else None
+    if restoring:
+        _same_search(spec, record, f"{spec.checkpoint.storage_url()}/{spec.name}")
+    parent = (record or {}).get("parent_run_id")
+    if tracking_context:
+        if not (parent and tracking.reopen_sweep(tracking_context, parent)):
+            parent = tracking.open_sweep(spec, tracking_context)
+        tracking_context = dataclasses.replace(tracking_context, parent_run_id=parent)
+    _write_record(fs, path, {"spec": spec.model_dump(mode="json"), "parent_run_id": parent})
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial, spec_json=spec.model_dump(mode="json"), tracking_context=tracking_context
         ),
-        param_space=param_space(spec, list(facts)),
-        tune_config=tune.TuneConfig(
-            metric=settings.metric,
-            mode=settings.mode,
-            num_samples=settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent_trials,
-            scheduler=scheduler,
-        ),
-        run_config=tune.RunConfig(
-            name=spec.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            verbose=0,
-        ),
+        # The trial only waits on its TorchTrainer, whose workers hold the CPUs; Tune refuses
+        # an empty request, so it asks for a sliver.
+        {"CPU": 0.01},
     )
+    if restoring:
+        say(
+            f"[{spec.name}] resuming the search stored at {spec.checkpoint.storage_url()}/"
+            f"{spec.name}: {_finished_trials(path, fs)} trial(s) finished and are not run "
+            "again; the others continue from their last checkpoints"
+        )
+        # Errored trials resume too: a resubmit is how a user retries after fixing the cause.
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_errored=True, storage_filesystem=storage_fs
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec, list(facts)),
+            tune_config=_tune_config(spec),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+                verbose=0,
+            ),
+        )
     try:
         results = tuner.fit()
     except BaseException:
@@ -166,6 +170,97 @@ def run(spec: TuneJob, tracking_context: RunContext | None, say=print) -> Result
             raise
         tracking.finish_sweep(spec, tracking_context, parent, rows, to_csv(rows), plot(rows))
     return results
+
+
+# Beside Tune's own state in the search's folder: the spec it started with and its MLflow run.
+RECORD_FILE = "wrn_cluster_search.json"
+
+
+def _local_fs() -> pyarrow.fs.FileSystem:
+    import pyarrow.fs
+
+    return pyarrow.fs.LocalFileSystem()
+
+
+def _read_record(fs: pyarrow.fs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, ValueError):  # a search started before this file existed
+        return None
+
+
+def _write_record(fs: pyarrow.fs.FileSystem, path: str, record: dict) -> None:
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{RECORD_FILE}") as stream:
+        stream.write(json.dumps(record, indent=1).encode())
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for key in sorted(set(old) | set(new))
+            for change in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _same_search(spec: TuneJob, record: dict | None, where: str) -> None:
+    """A resumed search runs the space and schedule it was started with (Tune restores them),
+    so a spec that changed since is refused rather than silently half-applied."""
+    if record is None:
+        return
+    changed = _differences(record.get("spec"), spec.model_dump(mode="json"))
+    if changed:
+        raise SearchError(
+            f"job {spec.name!r}: a search of this name was started at {where} with another "
+            f"spec ({', '.join(changed[:5])} differ); a resubmit resumes that search as it "
+            "was, so put those settings back to resume it, or give the job a new name to "
+            "start a new search"
+        )
+
+
+def _finished_trials(path: str, fs: pyarrow.fs.FileSystem) -> int:
+    """How many trials Tune's newest saved experiment state lists as finished."""
+    from pyarrow.fs import FileSelector
+
+    states = sorted(
+        info.path
+        for info in fs.get_file_info(FileSelector(path))
+        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+    )
+    if not states:
+        return 0
+    with fs.open_input_stream(states[-1]) as stream:
+        state = json.loads(stream.read())
+    return sum(
+        json.loads(trial).get("status") == "TERMINATED" for trial, *_ in state.get("trial_data", [])
+    )
+
+
+def _tune_config(spec: TuneJob):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = spec.tune
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.schedule.epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        if settings.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    return tune.TuneConfig(
+        metric=settings.metric,
+        mode=settings.mode,
+        num_samples=settings.num_samples,
+        max_concurrent_trials=settings.max_concurrent_trials,
+        scheduler=scheduler,
+    )
 
 
 def log_best_model(

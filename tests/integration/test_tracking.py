@@ -21,6 +21,7 @@ from wrn_cluster import driver
 from wrn_cluster.models import build_model
 from wrn_cluster.models.serving import ServingClassifier
 from wrn_cluster.spec import CIFAR_MEAN_STD, IMAGENET_MEAN_STD
+from wrn_cluster.train import checkpoint
 
 pytestmark = pytest.mark.slow
 MODEL = "digits_wrn"
@@ -46,6 +47,14 @@ def bucket() -> s3fs.S3FileSystem:
     )
 
 
+def fs_epochs(fs: s3fs.S3FileSystem, run_folder: str) -> list[int]:
+    """The epoch of each checkpoint left in a run folder, from its manifest."""
+    found = []
+    for manifest in fs.glob(f"{run_folder}/checkpoint_*/{checkpoint.MANIFEST_FILE}"):
+        found.append(json.loads(fs.cat_file(manifest))["metrics"]["epoch"])
+    return found
+
+
 def champion(client):
     return client.get_model_version_by_alias(MODEL, "champion")
 
@@ -64,7 +73,9 @@ def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked
     assert refused.tags["promotion"].startswith("kept digits_wrn@champion: v2 val_top1=")
 
     # The strong job trains in two submissions: the second continues the first's MLflow run.
-    strong = tracked_job(tracked, "strong", epochs=2, lr=0.05)
+    # It keeps only its newest checkpoint, and the ones registered versions were made from.
+    retention = {"keep": 1, "keep_best": 0}
+    strong = tracked_job(tracked, "strong", epochs=2, lr=0.05, checkpoint=retention)
     driver.run(strong)
     assert champion(client).version == "3"
     longer = yaml.safe_load(yaml.safe_dump(strong.model_dump(mode="json")))
@@ -81,6 +92,11 @@ def test_registry_promotes_only_better_models_and_keeps_everything_in_s3(tracked
     with bucket().open(newest) as handle:
         assert torch.load(handle, weights_only=True)["mlflow_run_id"] == best.run_id
     assert float(best.tags["val_top1"]) > float(first.tags["val_top1"])
+    # Epoch 1 and 3 went; epoch 2 stays while version 3 (made from it) exists.
+    kept = sorted(fs_epochs(bucket(), "checkpoints/strong-runs/strong"))
+    assert kept == [2, 4], kept
+    v3_source = client.get_model_version(MODEL, "3").tags["checkpoint"]
+    assert bucket().exists(f"{v3_source}/state.pt")
     assert best.tags["promotion"].startswith("promoted")
     assert {"dataset", "params", "gmacs", "job_name", "val_top5"} <= set(best.tags)
 

@@ -55,7 +55,12 @@ def test_wrn_learns_sklearn_digits_with_two_workers(reference):
     # Every validation image counted exactly once across the two workers.
     state = final_state(storage, "ref")
     assert state["epoch"] == 4 and state["resumes"] == []
-    assert len(list((storage / "ref").glob("checkpoint_*/"))) == 2  # keep: 2
+    # keep: 2 and keep_best: 1, the best by val_top1 (the newer of equals).
+    history = result.metrics_dataframe.set_index("epoch")["val_top1"]
+    best = max(history.index, key=lambda epoch: (history[epoch], epoch))
+    manifests = (storage / "ref").glob(f"checkpoint_*/{checkpoint.MANIFEST_FILE}")
+    kept = sorted(json.loads(m.read_text())["metrics"]["epoch"] for m in manifests)
+    assert kept == sorted({3, 4, best}), (kept, history.to_dict())
 
 
 def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical_weights(

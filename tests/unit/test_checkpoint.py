@@ -350,3 +350,56 @@ def test_a_preemption_checkpoint_says_which_node_how_fast_and_how_long_before_th
     assert line.endswith("s, 15s before its deadline") and " in 2.5s" in line
     no_deadline = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"ab12cd34ef": [1]})
     assert Preemption.line("big", no_deadline, 1, time.perf_counter()).endswith("in 0.0s")
+
+
+def test_retention_keeps_the_newest_the_best_and_the_registered():
+    # Ray names checkpoint folders by time: the names sort oldest first.
+    scores = {"c1": 0.50, "c2": 0.90, "c3": None, "c4": 0.70, "c5": 0.90, "c6": 0.60}
+    assert checkpoint.retained(scores, 2, 0, False, set()) == {"c5", "c6"}
+    assert checkpoint.retained(scores, 1, 1, False, set()) == {"c6", "c5"}  # c5: newer of 0.9s
+    assert checkpoint.retained(scores, 1, 2, False, set()) == {"c6", "c5", "c2"}
+    assert checkpoint.retained(scores, 1, 1, True, set()) == {"c6", "c1"}  # a loss: lowest
+    assert checkpoint.retained(scores, 1, 0, False, {"c3", "elsewhere"}) == {"c6", "c3"}
+    assert checkpoint.retained({"c1": None}, 1, 3, False, set()) == {"c1"}
+
+
+def test_pruning_deletes_only_complete_unkept_checkpoints_and_asks_the_registry_last(tmp_path):
+    import pyarrow.fs
+
+    run = tmp_path / "job"
+    for epoch, top1 in enumerate([0.4, 0.9, 0.5, 0.6], start=1):
+        folder = run / f"checkpoint_2026-12-03_10-0{epoch}-00.000000"
+        folder.mkdir(parents=True)
+        checkpoint.save(folder, {"epoch": epoch, "metrics": {"epoch": epoch, "val_top1": top1}})
+    uploading = run / "checkpoint_2026-12-03_10-09-00.000000"  # no manifest yet
+    uploading.mkdir()
+    registry_asked = []
+
+    def protected():
+        registry_asked.append(True)
+        return {str(run / "checkpoint_2026-12-03_10-01-00.000000")}
+
+    fs = pyarrow.fs.LocalFileSystem()
+    deleted = checkpoint.prune(str(run), fs, 1, 1, "val_top1", protected)
+    assert [pathlib.Path(p).name for p in deleted] == ["checkpoint_2026-12-03_10-03-00.000000"]
+    left = sorted(p.parent.name for p in run.glob(f"*/{MANIFEST_FILE}"))
+    assert left == [
+        "checkpoint_2026-12-03_10-01-00.000000",  # registered
+        "checkpoint_2026-12-03_10-02-00.000000",  # best val_top1
+        "checkpoint_2026-12-03_10-04-00.000000",  # newest complete
+    ]
+    # Ray Train's record still names the retired folder: it stays, with a note only.
+    retired = run / "checkpoint_2026-12-03_10-03-00.000000"
+    assert [p.name for p in retired.iterdir()] == [checkpoint.RETIRED_FILE]
+    assert uploading.is_dir() and not list(uploading.iterdir())  # under way: never touched
+    assert registry_asked == [True]
+    assert checkpoint.prune(str(run), fs, 1, 1, "val_top1", protected) == []  # still registered
+    assert checkpoint.prune(str(run), fs, 3, 0, "val_top1", protected) == []
+    assert registry_asked == [True, True]  # the last: nothing would go, the registry not asked
+
+    def unreachable():
+        raise ConnectionError("connection refused")
+
+    with pytest.warns(UserWarning, match="not deleting old checkpoints .*connection refused"):
+        assert checkpoint.prune(str(run), fs, 1, 0, "val_top1", unreachable) == []
+    assert len(list(run.glob(f"*/{MANIFEST_FILE}"))) == 3

@@ -266,11 +266,18 @@ def test_raycluster_head_trains_nothing_and_gpu_workers_autoscale_around_the_ima
         int(worker["resources"]["limits"]["nvidia.com/gpu"]),
         int(worker["resources"]["limits"]["cpu"]),
     )
-    # The driver checks resources when the job starts, so the minimum must already hold it.
-    job = load(ROOT / "jobs" / "imagenet_wrn50_2.yaml")
-    assert job.scaling.use_gpu
-    assert job.scaling.workers * job.scaling.gpus_per_worker <= group["minReplicas"] * gpus
-    assert job.scaling.workers * job.scaling.cpus_per_worker <= group["minReplicas"] * cpus
+    # The driver checks resources when the job starts, so the minimum must already hold it; an
+    # elastic job's maximum is what the autoscaler can grow it to.
+    for name in ("imagenet_wrn50_2.yaml", "imagenet_wrn50_2_spot.yaml"):
+        job = load(ROOT / "jobs" / name)
+        scaling = job.scaling
+        assert scaling.use_gpu
+        assert scaling.min_workers * scaling.gpus_per_worker <= group["minReplicas"] * gpus
+        assert scaling.min_workers * scaling.cpus_per_worker <= group["minReplicas"] * cpus
+        assert scaling.max_workers * scaling.gpus_per_worker <= group["maxReplicas"] * gpus
+    # The spot job's range runs on one pod as well as on two.
+    spot = load(ROOT / "jobs" / "imagenet_wrn50_2_spot.yaml").scaling
+    assert spot.elastic and spot.min_workers <= gpus and spot.max_workers >= 2 * gpus
     # An evicted worker pod lives long enough for its just-in-time checkpoint.
     assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     for pod in pod_specs(cluster):
@@ -280,8 +287,13 @@ def test_raycluster_head_trains_nothing_and_gpu_workers_autoscale_around_the_ima
         assert [mounts.get(v["name"]) for v in shm] == ["/dev/shm"]
 
 
-def test_rayjob_runs_a_spec_from_jobs_on_the_token_authenticated_raycluster():
-    cluster, job = manifest("RayCluster"), manifest("RayJob")
+@pytest.mark.parametrize(
+    "job",
+    [d for _, d in manifests() if d["kind"] == "RayJob"],
+    ids=lambda d: d["metadata"]["name"],
+)
+def test_rayjob_runs_a_spec_from_jobs_on_the_token_authenticated_raycluster(job):
+    cluster = manifest("RayCluster")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     auth = cluster["spec"]["authOptions"]
     assert auth["mode"] == "token"

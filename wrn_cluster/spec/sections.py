@@ -249,7 +249,14 @@ class CheckpointSection(Section):
         description="Also checkpoint every N optimizer steps inside an epoch; a resume continues "
         "with the epoch's next sample.",
     )
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, description="The newest N checkpoints stay; older ones go.")
+    keep_best: int = Field(
+        1,
+        ge=0,
+        description="Also keep the N best checkpoints by tracking.promotion_metric (epoch "
+        "checkpoints, which are evaluated). A checkpoint a registered model version was made "
+        "from stays while that version exists.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
     max_preemptions: int = Field(
         -1,

@@ -22,6 +22,7 @@ from wrn_cluster.tracking.registry import (
     log_trained_model,
     register,
     register_job,
+    registered_sources,
 )
 from wrn_cluster.tracking.run import RunTracker, end_unfinished_run
 from wrn_cluster.tracking.sender import BATCH_LIMIT, BUFFER_LIMIT, MetricSender
@@ -35,7 +36,7 @@ from wrn_cluster.tracking.server import (
     redacted,
     tracking_uri,
 )
-from wrn_cluster.tracking.sweeps import end_run, finish_sweep, open_sweep
+from wrn_cluster.tracking.sweeps import end_run, finish_sweep, open_sweep, reopen_sweep
 
 __all__ = [
     "BATCH_LIMIT",
@@ -60,11 +61,13 @@ __all__ = [
     "log_detector",
     "log_trained_model",
     "open_sweep",
+    "reopen_sweep",
     "predict",
     "pull",
     "redacted",
     "register",
     "register_job",
+    "registered_sources",
     "registry_name_problems",
     "resolve_version",
     "run_context",

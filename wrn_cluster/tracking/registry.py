@@ -39,6 +39,22 @@ _FINAL_ERRORS = {
 # On a run: the checkpoint its logged model was made from, so a resubmitted finished job
 # (whose last checkpoint is the same) does not log and register the same network again.
 MODEL_SOURCE_TAG = "wrn_cluster.model_checkpoint"
+# On a model version: the checkpoint its weights came from, which retention never deletes.
+CHECKPOINT_TAG = "checkpoint"
+
+
+def registered_sources(tracking_uri: str, name: str) -> set[str]:
+    """The checkpoints the versions of registered model ``name`` were made from (their runs'
+    MODEL_SOURCE_TAG); empty when the model has no versions yet."""
+    client = client_for(tracking_uri)
+    sources = set()
+    for version in client.search_model_versions(f"name = '{name}'"):
+        source = version.tags.get(CHECKPOINT_TAG)
+        if not source and version.run_id:  # registered before versions named it
+            source = client.get_run(version.run_id).data.tags.get(MODEL_SOURCE_TAG)
+        if source:
+            sources.add(source.rstrip("/"))
+    return sources
 
 
 def log_trained_model(
@@ -243,7 +259,9 @@ def _register(
             name, model.model_uri, run_id=model.source_run_id, model_id=model.model_id
         ).version
     )
+    source = client.get_run(model.source_run_id).data.tags.get(MODEL_SOURCE_TAG)
     tags = {
+        **({CHECKPOINT_TAG: source} if source else {}),
         "dataset": spec.data.dataset,
         "job_name": spec.name,
         "arch": facts.get("arch", spec.model.arch),

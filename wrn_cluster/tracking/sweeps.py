@@ -30,6 +30,23 @@ def open_sweep(spec: TuneJob, context: RunContext) -> str:
     return run.info.run_id
 
 
+def reopen_sweep(context: RunContext, run_id: str) -> bool:
+    """Mark a resumed search's parent run running again; False when it is gone (deleted), so
+    the search opens a new one."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(context.tracking_uri)
+    try:
+        if client.get_run(run_id).info.lifecycle_stage != "active":
+            return False
+        client.update_run(run_id, status="RUNNING")
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return False
+        raise
+    return True
+
+
 def end_run(context: RunContext, run_id: str, status: str) -> None:
     client_for(context.tracking_uri).set_terminated(run_id, status)
 

@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+RETIRED_FILE = "RETIRED.txt"
 START_FRESH = "use another job name or checkpoint.storage to start fresh"
 
 
@@ -264,7 +266,7 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     """Write the state, then the manifest (last, so that its presence means 'complete')."""
     path = Path(directory) / STATE_FILE
     torch.save(state, path)
-    write_manifest(directory)
+    write_manifest(directory, state.get("metrics"))
     return path
 
 
@@ -276,8 +278,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: str | Path) -> None:
-    """Sizes and SHA-256 of every file in the checkpoint folder, written atomically."""
+def write_manifest(directory: str | Path, metrics: dict[str, Any] | None = None) -> None:
+    """Sizes and SHA-256 of every file in the checkpoint folder, and the numbers among the
+    ``metrics`` it was reported with (what retention ranks by), written atomically."""
     directory = Path(directory)
     files = {
         item.relative_to(directory).as_posix(): {
@@ -288,7 +291,13 @@ def write_manifest(directory: str | Path) -> None:
         if item.is_file() and item.name not in (MANIFEST_FILE, f"{MANIFEST_FILE}.tmp")
     }
     scratch = directory / f"{MANIFEST_FILE}.tmp"
-    scratch.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+    numbers = {
+        k: v
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    manifest = {"format": MANIFEST_FORMAT, "files": files, "metrics": numbers}
+    scratch.write_text(json.dumps(manifest, indent=1))
     os.replace(scratch, directory / MANIFEST_FILE)
 
 
@@ -400,6 +409,85 @@ def _older_checkpoints(found: ray.train.Checkpoint) -> list[ray.train.Checkpoint
         reverse=True,
     )
     return [Checkpoint(f"{run_folder}/{base}", found.filesystem) for base in older]
+
+
+def retained(
+    metrics: dict[str, float | None],
+    keep: int,
+    keep_best: int,
+    lower_is_better: bool,
+    protected: set[str],
+) -> set[str]:
+    """Of checkpoints named by time (Ray's checkpoint_<time> folders) with their promotion
+    metric (None: not evaluated, e.g. a step checkpoint), the ones to keep: the newest ``keep``,
+    the best ``keep_best`` by the metric, and every ``protected`` one."""
+    newest = sorted(metrics, reverse=True)[:keep]
+    scored = [name for name in metrics if metrics[name] is not None]
+    # The newer of two equal scores ranks first: it holds more training.
+    scored.sort(key=lambda name: name, reverse=True)
+    scored.sort(key=lambda name: metrics[name] if lower_is_better else -metrics[name])
+    return set(newest) | set(scored[:keep_best]) | (protected & set(metrics))
+
+
+def prune(
+    run_folder: str,
+    fs: pyarrow.fs.FileSystem,
+    keep: int,
+    keep_best: int,
+    metric: str,
+    protected: Callable[[], set[str]],
+) -> list[str]:
+    """Retire (see ``retire``) the complete checkpoints in ``run_folder`` that ``retained``
+    does not keep; returns their paths. ``protected()`` (paths of checkpoints a registered
+    model version was made from) is asked only when something would go; if it cannot answer,
+    nothing goes this time. A folder without a manifest (an upload under way or cut short) is
+    never touched."""
+    import pyarrow.fs
+
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_folder))
+    scores: dict[str, float | None] = {}
+    for entry in entries:
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith(
+            "checkpoint_"
+        ):
+            continue
+        try:
+            with fs.open_input_stream(f"{entry.path}/{MANIFEST_FILE}") as stream:
+                manifest = json.loads(stream.read())
+        except (FileNotFoundError, ValueError):
+            continue
+        value = manifest.get("metrics", {}).get(metric)
+        scores[entry.path] = float(value) if isinstance(value, int | float) else None
+    lower_is_better = metric.endswith("loss")
+    going = set(scores) - retained(scores, keep, keep_best, lower_is_better, set())
+    if not going:
+        return []
+    try:
+        kept = retained(scores, keep, keep_best, lower_is_better, protected())
+    except Exception as error:  # the registry is unreachable: keep everything for now
+        warnings.warn(
+            f"not deleting old checkpoints in {run_folder} this time: could not ask the Model "
+            f"Registry which of them registered versions were made from ({error})",
+            stacklevel=2,
+        )
+        return []
+    deleted = sorted(set(scores) - kept)
+    for path in deleted:
+        retire(fs, path)
+    return deleted
+
+
+def retire(fs: pyarrow.fs.FileSystem, path: str) -> None:
+    """Delete a checkpoint's files but leave its folder, holding only RETIRED_FILE: Ray Train
+    refuses to restore a run whose record names a checkpoint folder that is gone
+    (CheckpointManagerInitializationError), and lists every checkpoint it registered. With no
+    manifest left, nothing here resumes from it."""
+    fs.delete_dir_contents(path)
+    with fs.open_output_stream(f"{path}/{RETIRED_FILE}") as stream:
+        stream.write(
+            b"The weights of this checkpoint were deleted by checkpoint.keep / keep_best; "
+            b"the folder stays because Ray Train's record of the run names it.\n"
+        )
 
 
 def upload(
