@@ -23,7 +23,7 @@ import yaml
 
 from tests.datasets import write_digits_imagefolder
 from tests.util import digits_job, free_ports, node_ports, stop_processes_of, wait_until
-from wrn_cluster.train import checkpoint
+from wrn_cluster.train import checkpoint, order
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
@@ -65,6 +65,7 @@ def cluster(s3_env):
     # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="wrn-mn-"))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env, **ELASTIC_ENV}
+    env[order.SAMPLE_LOG] = str(temp / "samples")  # the workers record what they train
     gcs, dashboard, client, *ports = free_ports(15)
     common = [
         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=100000000",
@@ -292,11 +293,52 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
     for epoch, lr in printed_lr.items():
         assert lr == pytest.approx(base * factor(epoch * steps_per_epoch), rel=1e-3), epoch
     assert re.search(r"\[elastic\] epoch \d+/\d+  .* 1 worker(?!s)", output), output
+    # Every training sample of every epoch was trained once, by what the workers recorded.
+    trained = trained_once(cluster.temp / "samples" / "elastic", epochs, steps_per_epoch)
+    images = len(list((tmp_path / "digits" / "train").rglob("*.jpg")))
+    assert trained == dict.fromkeys(range(epochs), images), trained
+
+
+def trained_once(records: Path, epochs: int, micro_batches: int) -> dict[int, int]:
+    """Epoch -> distinct samples it trained, from the workers' records (order.sample_record),
+    asserting that each micro-batch of each epoch was trained once, by every rank of one
+    attempt, with no sample twice but the last micro-batch's padding. An attempt's records
+    past the point the next attempt resumed from were rolled back with it, so they do not
+    count."""
+    attempts: dict[str, dict] = {}
+    for path in records.glob("*.jsonl"):
+        started, token, rank, _, world = path.stem.split("-")
+        attempt = attempts.setdefault(token, {"started": int(started), "rows": []})
+        attempt["started"] = min(attempt["started"], int(started))
+        for line in path.read_text().splitlines():
+            epoch, micro, indices = json.loads(line)
+            attempt["rows"].append((epoch, micro, int(rank), int(world), indices))
+    ordered = [a for a in sorted(attempts.values(), key=lambda a: a["started"]) if a["rows"]]
+    kept = []
+    for attempt, following in zip(ordered, [*ordered[1:], None], strict=True):
+        cut = min((e, m) for e, m, *_ in following["rows"]) if following else (epochs, 0)
+        kept += [row for row in attempt["rows"] if (row[0], row[1]) < cut]
+    per_epoch = {}
+    for epoch in range(epochs):
+        shares: dict[int, list[tuple[int, int]]] = {}
+        samples: list[int] = []
+        for _, micro, rank, world, indices in (row for row in kept if row[0] == epoch):
+            shares.setdefault(micro, []).append((rank, world))
+            samples += indices
+        assert sorted(shares) == list(range(micro_batches)), f"epoch {epoch}: a micro-batch lost"
+        for micro, held in shares.items():
+            world = held[0][1]
+            assert sorted(held) == [(r, world) for r in range(world)], (epoch, micro, held)
+        twice = len(samples) - len(set(samples))
+        assert twice < max(w for held in shares.values() for _, w in held), (epoch, twice)
+        per_epoch[epoch] = len(set(samples))
+    return per_epoch
 
 
 def _start_node(cluster: Cluster, s3_env: dict) -> int:
     """Another node of 2 CPUs joins the cluster; returns its node manager's port."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **s3_env, **ELASTIC_ENV}
+    env[order.SAMPLE_LOG] = str(cluster.temp / "samples")
     ports = free_ports(6)
     command = [
         f"{VENV_BIN}/ray", "start", f"--address={cluster.gcs}", "--node-ip-address=127.0.0.1",

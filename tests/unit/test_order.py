@@ -4,6 +4,7 @@ number of workers, and what a run resumed from a step checkpoint trains on next.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -263,3 +264,15 @@ def test_an_elastic_group_prints_its_size_and_every_resize():
     assert (
         metrics.resize_line("digits", 1, 2, 200) == "[digits] grew from 1 to 2 workers at step 200"
     )
+
+
+def test_with_a_sample_log_each_rank_records_the_micro_batches_it_hands_out(tmp_path, monkeypatch):
+    assert order.sample_record("job", 0, 1) is None  # unset: nothing is written
+    monkeypatch.setenv(order.SAMPLE_LOG, str(tmp_path))
+    record = order.sample_record("job", 0, 1)
+    assert record.parent == tmp_path / "job" and record.name.endswith("-0-of-1.jsonl")
+    batches = order.ResumableBatches(order.EpochBatches(10, 4, 0, 1, seed=3), record)
+    batches.set_epoch(2, skip=1)
+    handed = list(batches)
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert rows == [[2, j, indices] for j, indices in enumerate(handed, start=1)]

@@ -93,7 +93,7 @@ def loaders(
         epoch_batches = EpochBatches(
             len(train_set), spec.global_micro_batch(), rank, world, spec.seed
         )
-        batches = ResumableBatches(epoch_batches)
+        batches = ResumableBatches(epoch_batches, order.sample_record(spec.name, rank, world))
         train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank evaluates a disjoint slice, so no image is counted twice.
     val_loader = DataLoader(

@@ -19,9 +19,12 @@ keeps a state per rank and loader process instead, which cannot follow a changed
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sized
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -53,16 +56,18 @@ class ResumableBatches(Sampler[list[int]]):
     an uninterrupted run.
     """
 
-    def __init__(self, batches: BatchesOf) -> None:
+    def __init__(self, batches: BatchesOf, record: Path | None = None) -> None:
         self.batches = batches
         self.skip = 0
+        self.epoch = 0
+        self.record = record  # see sample_record
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Start ``epoch`` (0-based) after its first ``skip`` batches of this rank."""
         if not 0 <= skip <= len(self.batches):
             raise ValueError(f"cannot skip {skip} of the epoch's {len(self.batches)} batches")
         getattr(self.batches, "sampler", self.batches).set_epoch(epoch)
-        self.skip = skip
+        self.skip, self.epoch = skip, epoch
 
     def weight(self, micro_batch: int, size: int) -> float:
         """How much this rank's mean loss over ``size`` samples counts (see EpochBatches)."""
@@ -73,10 +78,34 @@ class ResumableBatches(Sampler[list[int]]):
         batches = iter(self.batches)
         for _ in range(self.skip):
             next(batches, None)
-        yield from batches
+        if self.record is None:
+            yield from batches
+            return
+        for micro_batch, indices in enumerate(batches, start=self.skip):
+            with open(self.record, "a") as out:
+                out.write(json.dumps([self.epoch, micro_batch, list(indices)]) + "\n")
+            yield indices
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+# A folder every node can write: each rank appends there, per attempt of the job, the samples
+# of each micro-batch it hands its loader, to check on a real cluster that resizes and restarts
+# train every sample of an epoch once (tests/e2e/test_multinode.py). Unset: nothing is written.
+SAMPLE_LOG = "WRN_CLUSTER_SAMPLE_LOG"
+
+
+def sample_record(job: str, rank: int, world: int) -> Path | None:
+    """Where this rank records its micro-batches (JSON lines of [epoch, micro-batch, indices]):
+    <SAMPLE_LOG>/<job>/<ms since the epoch>-<attempt>-<rank>-of-<world>.jsonl, the attempt
+    named by rank 0 (a collective: every rank calls it); None when SAMPLE_LOG is unset."""
+    if not os.environ.get(SAMPLE_LOG):
+        return None
+    attempt = attempt_token(world)
+    folder = Path(os.environ[SAMPLE_LOG]) / job
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{time.time_ns() // 1_000_000}-{attempt}-{rank}-of-{world}.jsonl"
 
 
 class EpochBatches:
