@@ -41,29 +41,41 @@ def progress_printer(spec: ClassifyJob | DetectJob):
 
 def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None):
     """A Ray Train callback that, after each checkpoint, retires the ones checkpoint.keep and
-    keep_best do not hold, never one a registered model version was made from. Ray keeps them
-    all (num_to_keep=None): its own policy keeps the newest N or the best N, not both. It runs
-    in the Train controller."""
+    keep_best do not hold, never the one just reported nor one a registered model version was
+    made from. Ray keeps them all (num_to_keep=None): its own policy keeps the newest N or the
+    best N, not both. It runs in the Train controller, on a thread of its own (listing the
+    storage and asking the registry must not hold up the controller), one pass at a time: a
+    checkpoint that comes while a pass runs is covered by the next. The job's last pass may
+    still run when fit() returns; one cut short leaves a retired folder or two to the next."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ray.train import UserCallback
 
     model = spec.tracking.registered_model if context and spec.tracking.enabled else None
+    policy = (spec.checkpoint.keep, spec.checkpoint.keep_best, spec.tracking.promotion_metric)
 
     def protected() -> set[str]:
         return tracking.registered_sources(context.tracking_uri, model) if model else set()
 
     class Retention(UserCallback):
+        def __init__(self) -> None:
+            self.known: dict = {}  # what each checkpoint's manifest said
+            self.passes = None  # made in the controller: a thread pool does not pickle
+            self.running = None
+
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            if checkpoint is None:
+            if checkpoint is None or (self.running and not self.running.done()):
                 return
+            self.passes = self.passes or ThreadPoolExecutor(1, "wrn-retention")
             run_folder = checkpoint.path.rstrip("/").rpartition("/")[0]
-            policy = spec.checkpoint
-            prune_checkpoints(
+            self.running = self.passes.submit(
+                prune_checkpoints,
                 run_folder,
                 checkpoint.filesystem,
-                policy.keep,
-                policy.keep_best,
-                spec.tracking.promotion_metric,
+                policy,
+                checkpoint.path,
                 protected,
+                self.known,
             )
 
     return Retention()

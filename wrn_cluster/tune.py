@@ -117,12 +117,12 @@ def run(spec: TuneJob, tracking_context: RunContext | None, say=print) -> Result
     record = _read_record(fs, path) if restoring else None
     if restoring:
         _same_search(spec, record, f"{spec.checkpoint.storage_url()}/{spec.name}")
-    parent = (record or {}).get("parent_run_id")
+    parent = (record or {}).get("parent_run_id") if tracking_context else None
     if tracking_context:
         if not (parent and tracking.reopen_sweep(tracking_context, parent)):
             parent = tracking.open_sweep(spec, tracking_context)
         tracking_context = dataclasses.replace(tracking_context, parent_run_id=parent)
-    _write_record(fs, path, {"spec": spec.model_dump(mode="json"), "parent_run_id": parent})
+    _write_record(fs, path, {"spec": _as_recorded(spec), "parent_run_id": parent})
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial, spec_json=spec.model_dump(mode="json"), tracking_context=tracking_context
@@ -206,12 +206,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _as_recorded(spec: TuneJob) -> dict:
+    """The spec as its search's record holds it: the fields set away from their defaults, so a
+    field a later version adds (with a default) does not read as a change."""
+    return spec.model_dump(mode="json", exclude_defaults=True)
+
+
 def _same_search(spec: TuneJob, record: dict | None, where: str) -> None:
     """A resumed search runs the space and schedule it was started with (Tune restores them),
     so a spec that changed since is refused rather than silently half-applied."""
     if record is None:
         return
-    changed = _differences(record.get("spec"), spec.model_dump(mode="json"))
+    changed = _differences(record.get("spec"), _as_recorded(spec))
     if changed:
         raise SearchError(
             f"job {spec.name!r}: a search of this name was started at {where} with another "

@@ -302,7 +302,7 @@ def test_an_elastic_job_checkpoints_on_a_drain_shrinks_grows_back_and_survives_a
 def trained_once(records: Path, epochs: int, micro_batches: int) -> dict[int, int]:
     """Epoch -> distinct samples it trained, from the workers' records (order.sample_record),
     asserting that each micro-batch of each epoch was trained once, by every rank of one
-    attempt, with no sample twice but the last micro-batch's padding. An attempt's records
+    attempt, with no sample twice but in the last micro-batch's padding. An attempt's records
     past the point the next attempt resumed from were rolled back with it, so they do not
     count."""
     attempts: dict[str, dict] = {}
@@ -322,15 +322,18 @@ def trained_once(records: Path, epochs: int, micro_batches: int) -> dict[int, in
     for epoch in range(epochs):
         shares: dict[int, list[tuple[int, int]]] = {}
         samples: list[int] = []
+        before_last: list[int] = []  # the last micro-batch is the only one padded
         for _, micro, rank, world, indices in (row for row in kept if row[0] == epoch):
             shares.setdefault(micro, []).append((rank, world))
             samples += indices
+            before_last += indices if micro < micro_batches - 1 else []
         assert sorted(shares) == list(range(micro_batches)), f"epoch {epoch}: a micro-batch lost"
         for micro, held in shares.items():
             world = held[0][1]
             assert sorted(held) == [(r, world) for r in range(world)], (epoch, micro, held)
-        twice = len(samples) - len(set(samples))
-        assert twice < max(w for held in shares.values() for _, w in held), (epoch, twice)
+        assert len(before_last) == len(set(before_last)), f"epoch {epoch}: a sample twice"
+        padding = len(samples) - len(set(samples))
+        assert padding < shares[micro_batches - 1][0][1], (epoch, padding)  # < its world
         per_epoch[epoch] = len(set(samples))
     return per_epoch
 

@@ -2,12 +2,13 @@
 search on an embedded local Ray, killed (the driver and every Ray process it started, SIGKILL)
 once Tune has recorded a finished trial; the same submit again restores the search from its
 storage (Tune's restore), runs no finished trial again, continues the interrupted one from its
-checkpoint, and records everything in the one MLflow sweep it opened first. A changed spec is
-refused with one message."""
+checkpoint, and records everything in the one MLflow sweep it opened first; the same name with
+another spec is then refused with one message."""
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,8 @@ def test_a_killed_search_resumes_and_reruns_no_finished_trial(search, mlflow_ser
     ) in output
     started_again = [t for t in before if f"trial {t} runs" in output]
     assert not set(finished) & set(started_again), output[-6000:]
+    for trial in set(before) - set(finished):  # from its checkpoint, not from scratch
+        assert re.search(rf"\[{NAME}-{trial}\] resumed at the start of epoch [23]/3", output)
     assert set(trial_states(experiment).values()) == {"TERMINATED"}
     assert len(trial_states(experiment)) == len(WIDTHS)
 
@@ -166,8 +169,7 @@ def test_a_killed_search_resumes_and_reruns_no_finished_trial(search, mlflow_ser
     champion = client.get_model_version_by_alias(f"{NAME}_best", "champion")
     assert champion.run_id in {c.info.run_id for c in children}
 
-
-def test_a_search_resumed_with_another_spec_is_refused(search):
+    # The same name with another spec: refused, the stored search untouched.
     refused = subprocess.run(
         [*search["command"], "--set", "schedule.epochs=5"],
         env=search["env"],
@@ -181,3 +183,4 @@ def test_a_search_resumed_with_another_spec_is_refused(search):
         f"job {NAME!r}: a search of this name was started at {search['root'] / 'runs'}/{NAME} "
         "with another spec (schedule.epochs differ)"
     ) in output, output[-3000:]
+    assert set(trial_states(experiment).values()) == {"TERMINATED"}

@@ -353,53 +353,63 @@ def test_a_preemption_checkpoint_says_which_node_how_fast_and_how_long_before_th
 
 
 def test_retention_keeps_the_newest_the_best_and_the_registered():
-    # Ray names checkpoint folders by time: the names sort oldest first.
-    scores = {"c1": 0.50, "c2": 0.90, "c3": None, "c4": 0.70, "c5": 0.90, "c6": 0.60}
-    assert checkpoint.retained(scores, 2, 0, False, set()) == {"c5", "c6"}
-    assert checkpoint.retained(scores, 1, 1, False, set()) == {"c6", "c5"}  # c5: newer of 0.9s
-    assert checkpoint.retained(scores, 1, 2, False, set()) == {"c6", "c5", "c2"}
-    assert checkpoint.retained(scores, 1, 1, True, set()) == {"c6", "c1"}  # a loss: lowest
-    assert checkpoint.retained(scores, 1, 0, False, {"c3", "elsewhere"}) == {"c6", "c3"}
-    assert checkpoint.retained({"c1": None}, 1, 3, False, set()) == {"c1"}
+    def at(*rows):
+        return {name: checkpoint.Stored(step, score) for name, step, score in rows}
+
+    stored = at(
+        ("c1", 10, 0.50), ("c2", 20, 0.90), ("c3", 25, None), ("c4", 30, 0.70),
+        ("c5", 40, 0.90), ("c6", 50, 0.60),
+    )  # fmt: skip
+    assert checkpoint.retained(stored, 2, 0, False, set()) == {"c5", "c6"}
+    assert checkpoint.retained(stored, 1, 1, False, set()) == {"c6", "c5"}  # c5: newer of 0.9s
+    assert checkpoint.retained(stored, 1, 2, False, set()) == {"c6", "c5", "c2"}
+    assert checkpoint.retained(stored, 1, 1, True, set()) == {"c6", "c1"}  # a loss: lowest
+    assert checkpoint.retained(stored, 1, 0, False, {"c3", "elsewhere"}) == {"c6", "c3"}
+    assert checkpoint.retained(at(("c1", 5, None)), 1, 3, False, set()) == {"c1"}
+    # Newest means most steps, whatever the folder names (a node's clock) say.
+    skewed = at(("checkpoint_b", 90, None), ("checkpoint_a", 120, None))
+    assert checkpoint.retained(skewed, 1, 0, False, set()) == {"checkpoint_a"}
 
 
-def test_pruning_deletes_only_complete_unkept_checkpoints_and_asks_the_registry_last(tmp_path):
+def test_pruning_retires_only_complete_unkept_checkpoints_and_asks_the_registry_last(tmp_path):
     import pyarrow.fs
 
     run = tmp_path / "job"
-    for epoch, top1 in enumerate([0.4, 0.9, 0.5, 0.6], start=1):
-        folder = run / f"checkpoint_2026-12-03_10-0{epoch}-00.000000"
+    names = [f"checkpoint_2026-12-03_10-0{epoch}-00.000000" for epoch in range(1, 6)]
+    for epoch, top1 in enumerate([0.4, 0.9, 0.5, 0.6, float("nan")], start=1):
+        folder = run / names[epoch - 1]
         folder.mkdir(parents=True)
-        checkpoint.save(folder, {"epoch": epoch, "metrics": {"epoch": epoch, "val_top1": top1}})
+        state = {"epoch": epoch, "step": 10 * epoch, "metrics": {"epoch": epoch, "val_top1": top1}}
+        checkpoint.save(folder, state)
     uploading = run / "checkpoint_2026-12-03_10-09-00.000000"  # no manifest yet
     uploading.mkdir()
     registry_asked = []
 
     def protected():
         registry_asked.append(True)
-        return {str(run / "checkpoint_2026-12-03_10-01-00.000000")}
+        return {str(run / names[0])}
 
-    fs = pyarrow.fs.LocalFileSystem()
-    deleted = checkpoint.prune(str(run), fs, 1, 1, "val_top1", protected)
-    assert [pathlib.Path(p).name for p in deleted] == ["checkpoint_2026-12-03_10-03-00.000000"]
+    fs, policy, known = pyarrow.fs.LocalFileSystem(), (1, 1, "val_top1"), {}
+    newest = str(run / names[4])  # diverged (NaN): never the best, but the one just reported
+    deleted = checkpoint.prune(str(run), fs, policy, newest, protected, known)
+    assert [pathlib.Path(p).name for p in deleted] == [names[2], names[3]]
     left = sorted(p.parent.name for p in run.glob(f"*/{MANIFEST_FILE}"))
-    assert left == [
-        "checkpoint_2026-12-03_10-01-00.000000",  # registered
-        "checkpoint_2026-12-03_10-02-00.000000",  # best val_top1
-        "checkpoint_2026-12-03_10-04-00.000000",  # newest complete
-    ]
-    # Ray Train's record still names the retired folder: it stays, with a note only.
-    retired = run / "checkpoint_2026-12-03_10-03-00.000000"
-    assert [p.name for p in retired.iterdir()] == [checkpoint.RETIRED_FILE]
+    assert left == [names[0], names[1], names[4]]  # registered, best val_top1, newest
+    # Ray Train's record still names the retired folders: they stay, with a note only.
+    for name in (names[2], names[3]):
+        assert [p.name for p in (run / name).iterdir()] == [checkpoint.RETIRED_FILE]
     assert uploading.is_dir() and not list(uploading.iterdir())  # under way: never touched
-    assert registry_asked == [True]
-    assert checkpoint.prune(str(run), fs, 1, 1, "val_top1", protected) == []  # still registered
-    assert checkpoint.prune(str(run), fs, 3, 0, "val_top1", protected) == []
+    assert registry_asked == [True] and set(known) == {str(run / n) for n in left}
+    # Only the registration holds names[0]: each pass asks again, and keeps it.
+    assert checkpoint.prune(str(run), fs, policy, newest, protected, known) == []
+    assert checkpoint.prune(str(run), fs, (3, 0, "val_top1"), newest, protected, known) == []
     assert registry_asked == [True, True]  # the last: nothing would go, the registry not asked
 
     def unreachable():
         raise ConnectionError("connection refused")
 
-    with pytest.warns(UserWarning, match="not deleting old checkpoints .*connection refused"):
-        assert checkpoint.prune(str(run), fs, 1, 0, "val_top1", unreachable) == []
+    with pytest.warns(UserWarning, match="not retiring old checkpoints .*connection refused"):
+        assert checkpoint.prune(str(run), fs, (1, 0, "val_top1"), newest, unreachable) == []
+    with pytest.warns(UserWarning, match="not retiring old checkpoints .*FileNotFoundError"):
+        assert checkpoint.prune(str(tmp_path / "gone"), fs, policy, newest, protected) == []
     assert len(list(run.glob(f"*/{MANIFEST_FILE}"))) == 3

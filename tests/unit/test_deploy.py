@@ -278,8 +278,12 @@ def test_raycluster_head_trains_nothing_and_gpu_workers_autoscale_around_the_ima
     # The spot job's range runs on one pod as well as on two.
     spot = load(ROOT / "jobs" / "imagenet_wrn50_2_spot.yaml").scaling
     assert spot.elastic and spot.min_workers <= gpus and spot.max_workers >= 2 * gpus
-    # An evicted worker pod lives long enough for its just-in-time checkpoint.
-    assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    # An evicted worker pod lives long enough for its just-in-time checkpoint: Ray drains its
+    # node on SIGTERM for the drain timeout, which must end before Kubernetes kills the pod.
+    grace = group["template"]["spec"]["terminationGracePeriodSeconds"]
+    env = {e["name"]: e.get("value") for e in worker.get("env", [])}
+    drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+    assert 60 <= drain < grace, (drain, grace)
     for pod in pod_specs(cluster):
         shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         (container,) = pod["containers"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -32,7 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -266,7 +267,7 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     """Write the state, then the manifest (last, so that its presence means 'complete')."""
     path = Path(directory) / STATE_FILE
     torch.save(state, path)
-    write_manifest(directory, state.get("metrics"))
+    write_manifest(directory, {"step": state.get("step"), **(state.get("metrics") or {})})
     return path
 
 
@@ -411,83 +412,107 @@ def _older_checkpoints(found: ray.train.Checkpoint) -> list[ray.train.Checkpoint
     return [Checkpoint(f"{run_folder}/{base}", found.filesystem) for base in older]
 
 
+class Stored(NamedTuple):
+    """What retention reads of a complete checkpoint from its manifest."""
+
+    step: int  # optimizer steps trained: what "newest" means (folder names hold a node's clock)
+    score: float | None  # the promotion metric; None for a step checkpoint, or not finite
+
+
 def retained(
-    metrics: dict[str, float | None],
+    stored: dict[str, Stored],
     keep: int,
     keep_best: int,
     lower_is_better: bool,
     protected: set[str],
 ) -> set[str]:
-    """Of checkpoints named by time (Ray's checkpoint_<time> folders) with their promotion
-    metric (None: not evaluated, e.g. a step checkpoint), the ones to keep: the newest ``keep``,
-    the best ``keep_best`` by the metric, and every ``protected`` one."""
-    newest = sorted(metrics, reverse=True)[:keep]
-    scored = [name for name in metrics if metrics[name] is not None]
-    # The newer of two equal scores ranks first: it holds more training.
-    scored.sort(key=lambda name: name, reverse=True)
-    scored.sort(key=lambda name: metrics[name] if lower_is_better else -metrics[name])
-    return set(newest) | set(scored[:keep_best]) | (protected & set(metrics))
+    """Of complete checkpoints by path, the ones to keep: the newest ``keep`` (most steps; of
+    equal steps the later name), the best ``keep_best`` by score (of equal scores the newer),
+    and every ``protected`` one."""
+    newest = sorted(stored, key=lambda path: (stored[path].step, path), reverse=True)
+    scored = [path for path in newest if stored[path].score is not None]
+    scored.sort(key=lambda path: stored[path].score * (1 if lower_is_better else -1))
+    return set(newest[:keep]) | set(scored[:keep_best]) | (protected & set(stored))
+
+
+def read_stored(fs: pyarrow.fs.FileSystem, path: str, metric: str) -> Stored | None:
+    """A checkpoint's step and promotion metric from its manifest; None without one (an upload
+    under way or cut short, or a retired checkpoint)."""
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
+            numbers = json.loads(stream.read()).get("metrics", {})
+    except (FileNotFoundError, ValueError):
+        return None
+    score, step = numbers.get(metric), numbers.get("step")
+    finite = isinstance(score, int | float) and math.isfinite(score)
+    return Stored(step if isinstance(step, int) else -1, float(score) if finite else None)
 
 
 def prune(
     run_folder: str,
     fs: pyarrow.fs.FileSystem,
-    keep: int,
-    keep_best: int,
-    metric: str,
+    policy: tuple[int, int, str],
+    current: str,
     protected: Callable[[], set[str]],
+    known: dict[str, Stored] | None = None,
 ) -> list[str]:
     """Retire (see ``retire``) the complete checkpoints in ``run_folder`` that ``retained``
-    does not keep; returns their paths. ``protected()`` (paths of checkpoints a registered
-    model version was made from) is asked only when something would go; if it cannot answer,
-    nothing goes this time. A folder without a manifest (an upload under way or cut short) is
-    never touched."""
+    does not keep under ``policy`` (keep, keep_best, promotion metric); returns their paths.
+    ``current``, the checkpoint just reported, always stays. ``protected()`` (paths of
+    checkpoints registered model versions were made from) is asked only when something would
+    go. ``known`` caches what manifests said (they never change). A storage or registry error
+    retires nothing this time, with a warning: retention must never stop the training."""
     import pyarrow.fs
 
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_folder))
-    scores: dict[str, float | None] = {}
-    for entry in entries:
-        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith(
-            "checkpoint_"
-        ):
-            continue
-        try:
-            with fs.open_input_stream(f"{entry.path}/{MANIFEST_FILE}") as stream:
-                manifest = json.loads(stream.read())
-        except (FileNotFoundError, ValueError):
-            continue
-        value = manifest.get("metrics", {}).get(metric)
-        scores[entry.path] = float(value) if isinstance(value, int | float) else None
-    lower_is_better = metric.endswith("loss")
-    going = set(scores) - retained(scores, keep, keep_best, lower_is_better, set())
-    if not going:
-        return []
+    keep, keep_best, metric = policy
+    known = {} if known is None else known
     try:
-        kept = retained(scores, keep, keep_best, lower_is_better, protected())
-    except Exception as error:  # the registry is unreachable: keep everything for now
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(run_folder))
+        stored = {}
+        for entry in entries:
+            name = entry.base_name
+            if entry.type != pyarrow.fs.FileType.Directory or not name.startswith("checkpoint_"):
+                continue
+            found = known.get(entry.path) or read_stored(fs, entry.path, metric)
+            if found is not None:
+                stored[entry.path] = known[entry.path] = found
+        lower_is_better = metric.endswith("loss")
+        pinned = {current.rstrip("/")}
+        if not set(stored) - retained(stored, keep, keep_best, lower_is_better, pinned):
+            return []
+        kept = retained(stored, keep, keep_best, lower_is_better, pinned | protected())
+        going = sorted(set(stored) - kept)
+        for path in going:
+            retire(fs, path)
+            known.pop(path, None)
+    except Exception as error:  # storage or registry: keep everything for now
         warnings.warn(
-            f"not deleting old checkpoints in {run_folder} this time: could not ask the Model "
-            f"Registry which of them registered versions were made from ({error})",
+            f"not retiring old checkpoints in {run_folder} this time ({type(error).__name__}: "
+            f"{error}); checkpoint.keep and keep_best apply again after the next checkpoint",
             stacklevel=2,
         )
         return []
-    deleted = sorted(set(scores) - kept)
-    for path in deleted:
-        retire(fs, path)
-    return deleted
+    return going
 
 
 def retire(fs: pyarrow.fs.FileSystem, path: str) -> None:
     """Delete a checkpoint's files but leave its folder, holding only RETIRED_FILE: Ray Train
     refuses to restore a run whose record names a checkpoint folder that is gone
     (CheckpointManagerInitializationError), and lists every checkpoint it registered. With no
-    manifest left, nothing here resumes from it."""
-    fs.delete_dir_contents(path)
+    manifest left, nothing here resumes from it. The note is written first and the manifest
+    deleted next, so a pass cut short at any point leaves a folder that exists and that no
+    resume takes."""
+    import pyarrow.fs
+
     with fs.open_output_stream(f"{path}/{RETIRED_FILE}") as stream:
         stream.write(
             b"The weights of this checkpoint were deleted by checkpoint.keep / keep_best; "
             b"the folder stays because Ray Train's record of the run names it.\n"
         )
+    fs.delete_file(f"{path}/{MANIFEST_FILE}")
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)):
+        if entry.type == pyarrow.fs.FileType.File and entry.base_name != RETIRED_FILE:
+            fs.delete_file(entry.path)
 
 
 def upload(

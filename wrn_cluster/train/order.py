@@ -90,19 +90,21 @@ class ResumableBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-# A folder every node can write: each rank appends there, per attempt of the job, the samples
-# of each micro-batch it hands its loader, to check on a real cluster that resizes and restarts
-# train every sample of an epoch once (tests/e2e/test_multinode.py). Unset: nothing is written.
+# A folder every node can write: each rank of a classification job reading files appends there,
+# per attempt of the job, the samples of each micro-batch it hands its loader, to check on a
+# real cluster that resizes and restarts train every sample of an epoch once
+# (tests/e2e/test_multinode.py). Unset: nothing is written.
 SAMPLE_LOG = "WRN_CLUSTER_SAMPLE_LOG"
 
 
 def sample_record(job: str, rank: int, world: int) -> Path | None:
     """Where this rank records its micro-batches (JSON lines of [epoch, micro-batch, indices]):
     <SAMPLE_LOG>/<job>/<ms since the epoch>-<attempt>-<rank>-of-<world>.jsonl, the attempt
-    named by rank 0 (a collective: every rank calls it); None when SAMPLE_LOG is unset."""
+    named by rank 0; None when SAMPLE_LOG is unset. A collective: every rank calls it, and
+    does so whether SAMPLE_LOG is set on its node or not."""
+    attempt = attempt_token(world)
     if not os.environ.get(SAMPLE_LOG):
         return None
-    attempt = attempt_token(world)
     folder = Path(os.environ[SAMPLE_LOG]) / job
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{time.time_ns() // 1_000_000}-{attempt}-{rank}-of-{world}.jsonl"
