@@ -127,6 +127,32 @@ def digits_job(data_url, storage, name="digits", **sections) -> dict:
     return job
 
 
+def tune_job(name, data_url, storage, space, epochs, seed=3, **tune) -> dict:
+    """A CPU-sized width/depth search on the digits: 1-worker trials of WRN-10-k, each with its
+    MLflow child run, the best registered as <name>_best."""
+    return {
+        "kind": "tune",
+        "name": name,
+        "seed": seed,
+        "model": {"arch": "wrn-10-1"},
+        "data": {
+            "dataset": "imagefolder",
+            "url": str(data_url),
+            "image_size": 16,
+            "eval_resize": 16,
+            "batch_size": 64,
+            "loader_workers": 0,
+            "augment": False,
+        },
+        "optimizer": {"lr": 0.05},
+        "schedule": {"epochs": epochs, "type": "cosine"},
+        "scaling": {"workers": 1},
+        "checkpoint": {"storage": str(storage), "keep": 1},
+        "tracking": {"experiment": name, "registered_model": f"{name}_best"},
+        "tune": {"space": space, "max_concurrent_trials": 2, "max_failures": 0, **tune},
+    }
+
+
 def as_spec(job: dict):
     return parse(yaml.safe_dump(job), "test.yaml")
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.datasets import write_digits_imagefolder
-from tests.util import wait_until
+from tests.util import tune_job, wait_until
 
 pytestmark = pytest.mark.slow
 NAME = "resumed"
@@ -29,32 +29,10 @@ WIDTHS = [1, 2]
 
 
 def search_job(data: Path, storage: Path) -> dict:
-    return {
-        "kind": "tune",
-        "name": NAME,
-        "seed": 5,
-        "model": {"arch": "wrn-10-1"},
-        "data": {
-            "dataset": "imagefolder",
-            "url": str(data),
-            "image_size": 16,
-            "eval_resize": 16,
-            "batch_size": 64,
-            "loader_workers": 0,
-            "augment": False,
-        },
-        "optimizer": {"lr": 0.05},
-        "schedule": {"epochs": 3, "type": "cosine"},
-        "scaling": {"workers": 1},
-        "checkpoint": {"storage": str(storage), "keep": 1},
-        "tracking": {"experiment": NAME, "registered_model": f"{NAME}_best"},
-        "tune": {
-            "space": {"model.width": {"grid": WIDTHS}},
-            "scheduler": "fifo",
-            "max_concurrent_trials": 1,
-            "max_failures": 0,
-        },
-    }
+    space = {"model.width": {"grid": WIDTHS}}
+    return tune_job(
+        NAME, data, storage, space, 3, seed=5, scheduler="fifo", max_concurrent_trials=1
+    )
 
 
 def trial_states(experiment: Path) -> dict[str, str]:

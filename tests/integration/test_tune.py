@@ -7,6 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.util import tune_job
 from wrn_cluster import driver
 from wrn_cluster.spec import parse
 
@@ -14,27 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def search(tracked, name, space, epochs, **tune):
-    job = {
-        "kind": "tune",
-        "name": name,
-        "seed": 3,
-        "model": {"arch": "wrn-10-1"},
-        "data": {
-            "dataset": "imagefolder",
-            "url": str(tracked["data"]),
-            "image_size": 16,
-            "eval_resize": 16,
-            "batch_size": 64,
-            "loader_workers": 0,
-            "augment": False,
-        },
-        "optimizer": {"lr": 0.05},
-        "schedule": {"epochs": epochs, "type": "cosine"},
-        "scaling": {"workers": 1},
-        "checkpoint": {"storage": f"s3://checkpoints/{name}", "keep": 1},
-        "tracking": {"experiment": name, "registered_model": f"{name}_best"},
-        "tune": {"space": space, "max_concurrent_trials": 2, "max_failures": 0, **tune},
-    }
+    job = tune_job(name, tracked["data"], f"s3://checkpoints/{name}", space, epochs, **tune)
     return parse(yaml.safe_dump(job), f"{name}.yaml")
 
 
