@@ -98,21 +98,26 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def digits_data(data_url) -> dict:
+    """The data section of the digits jobs: 16-pixel images read in this process."""
+    return {
+        "dataset": "imagefolder",
+        "url": str(data_url),
+        "image_size": 16,
+        "eval_resize": 16,
+        "batch_size": 64,
+        "loader_workers": 0,
+        "augment": False,
+    }
+
+
 def digits_job(data_url, storage, name="digits", **sections) -> dict:
     job = {
         "kind": "classify",
         "name": name,
         "seed": 7,
         "model": {"arch": "wrn-10-2"},
-        "data": {
-            "dataset": "imagefolder",
-            "url": str(data_url),
-            "image_size": 16,
-            "eval_resize": 16,
-            "batch_size": 64,
-            "loader_workers": 0,
-            "augment": False,
-        },
+        "data": digits_data(data_url),
         "optimizer": {"lr": 0.05, "weight_decay": 5e-4},
         "schedule": {"epochs": 8, "type": "cosine", "warmup_epochs": 1},
         "scaling": {"workers": 2},
@@ -135,15 +140,7 @@ def tune_job(name, data_url, storage, space, epochs, seed=3, **tune) -> dict:
         "name": name,
         "seed": seed,
         "model": {"arch": "wrn-10-1"},
-        "data": {
-            "dataset": "imagefolder",
-            "url": str(data_url),
-            "image_size": 16,
-            "eval_resize": 16,
-            "batch_size": 64,
-            "loader_workers": 0,
-            "augment": False,
-        },
+        "data": digits_data(data_url),
         "optimizer": {"lr": 0.05},
         "schedule": {"epochs": epochs, "type": "cosine"},
         "scaling": {"workers": 1},
