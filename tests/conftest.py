@@ -6,6 +6,11 @@ import pytest
 
 # Test clusters run without Ray token auth; a shell that exports a mode keeps it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller looks at its workers every 2 s by default, so each run's start, each
+# report's turn and its end wait up to that long. The tests' runs are seconds long: a 0.5 s poll
+# saves 2-3 s a run (a 1-epoch digits run: 15.0 s -> 12.4 s). Ray propagates the variable to
+# the controller and workers; `ray start` clusters and submitted jobs inherit it from here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
