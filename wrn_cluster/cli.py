@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wrn_cluster import cluster, jobs
+from wrn_cluster import cluster, console, jobs
 from wrn_cluster.cluster import LaunchError
-from wrn_cluster.spec import SpecError, json_schema, load
+from wrn_cluster.spec import SpecError, home, json_schema, load
 
 app = typer.Typer(
     help="Train Wide Residual Networks on Ray, tracked in MLflow.",
@@ -141,6 +141,18 @@ def submit(
         bool,
         typer.Option("--dry-run", help="Only run the preflight checks and print the plan."),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show Ray's, MLflow's and Python's lines (embedded Ray)."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the job's summary as one JSON object on stdout (embedded Ray)."
+        ),
+    ] = False,
 ) -> None:
     """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
     from wrn_cluster import launcher
@@ -155,7 +167,7 @@ def submit(
         if address:
             code = launcher.submit_remote(spec, address, wait, out.print)
         else:
-            code = launcher.run_local(spec, out.print)
+            code = launcher.run_local(spec, verbose, as_json)
     except LaunchError as error:
         raise fail(str(error)) from None
     raise typer.Exit(code)
@@ -209,8 +221,18 @@ def logs(
     address: AddressOption = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
 ) -> None:
-    """A job's driver output."""
+    """A job's output: a cluster job's driver log, or an embedded job's whole log file."""
 
+    if not cluster.cluster_address(address):
+        local = console.log_path(home(), job_id)
+        if local.is_file():
+            sys.stdout.write(local.read_text(errors="replace"))
+            return
+        known = sorted(p.stem for p in local.parent.glob("*.log"))[-5:]
+        raise fail(
+            f"no log for job {job_id!r} in {local.parent} and no cluster (--address or "
+            "RAY_ADDRESS)" + (f"; the newest local jobs: {', '.join(known)}" if known else "")
+        )
     try:
         if follow:
             raise typer.Exit(jobs.follow(_address(address), job_id, sys.stdout.write))

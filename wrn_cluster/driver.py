@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
-from wrn_cluster import data, lease, preflight, tracking, trainer, tune
+from wrn_cluster import data, lease, preflight, summary, tracking, trainer, tune
 from wrn_cluster.cluster import DASHBOARD_ENV, JOB_ID_ENV
 from wrn_cluster.data import storage
 from wrn_cluster.spec import ClassifyJob, DetectJob, SpecError, TuneJob, load
@@ -23,6 +24,11 @@ Spec = ClassifyJob | DetectJob | TuneJob
 
 class JobError(Exception):
     """A job that cannot run or did not finish; the message says why and what to do."""
+
+
+def say_now(line: str) -> None:
+    """The driver's own lines, printed at once (a cluster job's log is followed live)."""
+    print(line, flush=True)
 
 
 def attach_to_cluster() -> str | None:
@@ -38,22 +44,29 @@ def execute(
     spec: Spec,
     job_id: str | None = None,
     connect: Callable[[], str | None] = attach_to_cluster,
+    say: Callable[[str], None] = say_now,
 ):
     """Run a job from its spec to its registered model: what fit() or the search returned.
 
     ``connect`` starts or joins Ray once the checks pass and returns the dashboard's URL (or
-    None). Raises JobError, or PreflightError for what the checks found."""
+    None); ``say`` prints the driver's own lines (a search's table among them). Raises
+    JobError, or PreflightError for what the checks found."""
     prepare(spec)
     preflight.check(spec)
-    return run(spec, job_id, connect())
+    return run(spec, job_id, connect(), say)
 
 
-def run(spec: Spec, job_id: str | None = None, dashboard_url: str | None = None):
+def run(
+    spec: Spec,
+    job_id: str | None = None,
+    dashboard_url: str | None = None,
+    say: Callable[[str], None] = say_now,
+):
     """The part of ``execute`` after Ray is up: the job's lease, then fit or the search. A run
     of the same job already going is not joined."""
     try:
         with lease.cluster_lease(spec, lease.holder(job_id)):
-            return _run(spec, job_id, dashboard_url)
+            return _run(spec, job_id, dashboard_url, say)
     except lease.JobRunningError as error:
         raise JobError(str(error)) from None
 
@@ -85,16 +98,16 @@ def check_resources(spec: Spec) -> None:
         raise JobError(problem)
 
 
-def _run(spec: Spec, job_id: str | None, dashboard_url: str | None):
+def _run(spec: Spec, job_id: str | None, dashboard_url: str | None, say: Callable[[str], None]):
     import ray.train
 
     check_resources(spec)  # for a search: what one trial needs
     context = tracking.run_context(job_id, dashboard_url) if spec.tracking.enabled else None
     if context:
-        print(f"[{spec.name}] MLflow: {context.tracking_uri}", flush=True)
+        say(f"[{spec.name}] MLflow: {context.tracking_uri}")
     if spec.kind == "tune":
         try:
-            return tune.run(spec, context)
+            return tune.run(spec, context, say)
         except (tune.SearchError, tracking.RegistrationError) as error:
             raise JobError(str(error)) from None
     fit = trainer.build(spec, [trainer.progress_printer(spec)], context)
@@ -105,7 +118,7 @@ def _run(spec: Spec, job_id: str | None, dashboard_url: str | None):
             tracking.end_unfinished_run(spec, context, "FAILED")
         raise JobError(f"job {spec.name!r} failed: {_failure(spec, error)}") from None
     if result.checkpoint is not None:
-        print(f"[{spec.name}] checkpoints: {result.checkpoint.path}", flush=True)
+        say(f"[{spec.name}] checkpoints: {result.checkpoint.path}")
     if context and result.checkpoint is not None:
         try:
             run_id = trainer.log_final_model(spec, context, result.checkpoint)
@@ -152,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(error, file=sys.stderr)
         return 1
+    job_id = os.environ.get(JOB_ID_ENV)
+    started = time.monotonic()
     try:
-        execute(spec, os.environ.get(JOB_ID_ENV))
+        result = execute(spec, job_id)
     except (JobError, preflight.PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    found = summary.facts(spec, job_id or spec.name, result, time.monotonic() - started)
+    print("\n".join(summary.lines(found)), flush=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from wrn_cluster import driver, lease, preflight
+from wrn_cluster import console, driver, lease, preflight, summary
 from wrn_cluster.cluster import (
     DASHBOARD_ENV,
     JOB_ID_ENV,
@@ -21,7 +22,7 @@ from wrn_cluster.cluster import (
     local_cpus,
 )
 from wrn_cluster.jobs import follow
-from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, to_yaml
+from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, home, to_yaml
 
 Spec = ClassifyJob | DetectJob | TuneJob
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -37,18 +38,37 @@ FORWARDED_ENV = (
 )
 
 
-def run_local(spec: Spec, say: Callable[[str], None]) -> int:
-    """Start an embedded Ray, run the job's driver here, print what a cluster run prints."""
+def run_local(spec: Spec, verbose: bool = False, as_json: bool = False) -> int:
+    """Start an embedded Ray, run the job's driver here, print what a cluster run prints.
+
+    The console shows the project's lines and the summary; the job's whole output (Ray's,
+    MLflow's and Python's lines too) goes to <home>/logs/JOB_ID.log (``verbose`` shows it all).
+    With ``as_json`` the lines go to stderr and stdout gets the summary as one JSON object."""
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # Another `submit` of this job on this machine runs its own Ray: the lock file tells.
+    log = console.log_path(home(), job_id)
+    routed = console.JobConsole(spec.name, log, verbose, to="stderr" if as_json else "stdout")
+    started = time.monotonic()
     try:
-        with lease.file_lease(spec, lease.holder(job_id)):
-            return _run_local(spec, job_id, say)
-    except lease.JobRunningError as error:
-        raise LaunchError(str(error)) from None
+        with routed:
+            routed.say(f"log: {log}  (every line of the job; --verbose shows them here)")
+            # Another `submit` of this job on this machine runs its own Ray: the lock file tells.
+            with lease.file_lease(spec, lease.holder(job_id)):
+                result = _run_local(spec, job_id, routed.say)
+            found = summary.facts(spec, job_id, result, time.monotonic() - started)
+            for line in summary.lines(found):
+                routed.say(line)
+            routed.say(f"job {job_id} succeeded")
+    except (lease.JobRunningError, LaunchError) as error:
+        if as_json:
+            failed = {"job": spec.name, "job_id": job_id, "outcome": "failed", "log": str(log)}
+            print(json.dumps({**failed, "error": str(error)}), flush=True)
+        raise LaunchError(f"{error} (the job's whole output: {log})") from None
+    if as_json:
+        print(json.dumps({**found, "log": str(log)}), flush=True)
+    return 0
 
 
-def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]) -> int:
+def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]):
     import ray
 
     def start_embedded_ray() -> str | None:
@@ -72,14 +92,12 @@ def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]) -> int:
         return dashboard_url(url) if url else None
 
     try:
-        driver.execute(spec, job_id, connect=start_embedded_ray)
+        return driver.execute(spec, job_id, connect=start_embedded_ray, say=say)
     except (driver.JobError, preflight.PreflightError) as error:
         raise LaunchError(str(error)) from None
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    say(f"job {job_id} succeeded")
-    return 0
 
 
 def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], None]) -> int:

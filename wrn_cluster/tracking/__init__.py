@@ -11,11 +11,13 @@ run: RunTracker, a job's run on rank 0, and end_unfinished_run for the driver
 registry: registration of a job's logged model and the alias's promotion
 sweeps: a search's parent run, its trials' runs and the best trial's registration
 pull: pull and predict, for users of the registry
+outcome: what a finished job left in MLflow, for its summary
 """
 
 from wrn_cluster.tracking.context import JOB_TAG, RunContext, artifact_location, run_context
 from wrn_cluster.tracking.models import MODEL_NAME, log_classifier, log_detector
 from wrn_cluster.tracking.names import registry_name_problems
+from wrn_cluster.tracking.outcome import job_outcome
 from wrn_cluster.tracking.pull import predict, pull, resolve_version
 from wrn_cluster.tracking.registry import (
     RegistrationError,
@@ -57,6 +59,7 @@ __all__ = [
     "finish_sweep",
     "fluent_store",
     "is_server",
+    "job_outcome",
     "log_classifier",
     "log_detector",
     "log_trained_model",

@@ -291,5 +291,4 @@ def _register(
         )
     client.set_tag(run_id, "wrn_cluster.promotion", decision)
     client.set_model_version_tag(name, version, "promotion", decision)
-    print(f"[{spec.name}] {decision}", flush=True)  # once, after a retry could repeat it
-    return version
+    return version  # the job's summary says the decision, once (summary.py)

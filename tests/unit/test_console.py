@@ -1,0 +1,174 @@
+"""The job console: the project's lines on the console, every line in the job's log file
+(routed at the file descriptors, in a process of its own), `wrn-cluster logs` for embedded jobs,
+and the summary block's lines."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from wrn_cluster import summary
+from wrn_cluster.cli import app
+from wrn_cluster.console import is_projects, log_path, plain
+
+JOB = textwrap.dedent(
+    """
+    import logging, os, sys, warnings
+    from pathlib import Path
+    from wrn_cluster.console import JobConsole
+
+    logging.basicConfig(level=logging.INFO)  # a handler bound to stderr before the routing
+    with JobConsole("digits", Path(sys.argv[1]), verbose=sys.argv[2] == "1") as console:
+        console.say("job digits-1 on an embedded local Ray")
+        print("\\x1b[36m(TrainController pid=12)\\x1b[0m [digits] epoch 1/2  train loss 1.0")
+        print("\\x1b[36m(RayTrainWorker pid=13)\\x1b[0m INFO mlflow.store.db.utils: Creating")
+        print("(TrainController pid=12) [digits-3f2a_00001] trial 3f2a_00001 runs {}")
+        print("[other] another job's line")
+        warnings.warn("a library's warning")
+        logging.getLogger("mlflow").info("a library's log line")
+        sys.stdout.flush()
+        os.write(2, b"[2026-12-04 E 1 2] core_worker.cc:2465: a C++ line\\n")
+        print("warning: the project's own warning", file=sys.stderr)
+        print("no newline at the end", end="")
+    print("after the job: the console is back")
+    """
+)
+
+
+def run_job(tmp_path, verbose: bool):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    log = tmp_path / "logs" / "digits-1.log"
+    done = subprocess.run(
+        [sys.executable, str(script), str(log), "1" if verbose else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done, log.read_text()
+
+
+def test_the_console_shows_the_projects_lines_and_the_log_holds_every_line(tmp_path):
+    done, log = run_job(tmp_path, verbose=False)
+    assert done.stdout.splitlines() == [
+        "job digits-1 on an embedded local Ray",
+        "[digits] epoch 1/2  train loss 1.0",
+        "[digits-3f2a_00001] trial 3f2a_00001 runs {}",
+        "after the job: the console is back",
+    ]
+    assert done.stderr.splitlines() == ["warning: the project's own warning"]
+    assert "\x1b" not in done.stdout + done.stderr
+    for line in [
+        "job digits-1 on an embedded local Ray",
+        "(TrainController pid=12)\x1b[0m [digits] epoch 1/2",
+        "INFO mlflow.store.db.utils: Creating",
+        "[other] another job's line",
+        "UserWarning: a library's warning",
+        "INFO:mlflow:a library's log line",
+        "core_worker.cc:2465: a C++ line",
+        "warning: the project's own warning",
+        "no newline at the end",
+    ]:
+        assert line in log, line
+    assert "after the job" not in log
+
+
+def test_verbose_shows_every_line_as_it_came(tmp_path):
+    done, log = run_job(tmp_path, verbose=True)
+    assert "INFO mlflow.store.db.utils: Creating" in done.stdout
+    assert "\x1b[36m(TrainController pid=12)\x1b[0m [digits] epoch 1/2" in done.stdout
+    assert "core_worker.cc:2465: a C++ line" in done.stderr
+    assert "UserWarning: a library's warning" in done.stderr
+    assert "[other] another job's line" in log
+
+
+@pytest.mark.parametrize(
+    "line, ours",
+    [
+        ("\x1b[36m(TrainController pid=8123)\x1b[0m [quickstart] epoch 1/6  lr 0.1\n", True),
+        ("(RayTrainWorker pid=8270, ip=10.0.0.2) [quickstart] resumed in epoch 2/6\n", True),
+        ("[quickstart-a1b2_00000] trial a1b2_00000 runs {'model.width': 2}\n", True),
+        ("warning: the tracking server is slow\n", True),
+        ("(TrainController pid=8123) 2026/12/04 INFO mlflow.store.db.utils: Creating\n", False),
+        ("[quickstarter] epoch 1/6\n", False),  # another job whose name starts alike
+        (
+            "(PlacementGroupCleaner pid=3) Failed to query Ray Train Controller actor state.\n",
+            False,
+        ),
+        ("/x/ray/data/execution_options.py:436: RayDeprecationWarning: deprecated\n", False),
+    ],
+)
+def test_a_line_is_the_projects_by_its_job_name_after_rays_prefix(line, ours):
+    assert is_projects(line, "quickstart") is ours
+    assert "\x1b" not in plain(line) and "pid=" not in plain(line)
+
+
+def test_logs_of_an_embedded_job_print_its_log_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("WRN_CLUSTER_HOME", str(tmp_path))
+    log = log_path(tmp_path, "digits-20261204-120000")
+    log.parent.mkdir(parents=True)
+    log.write_text("(TrainController pid=1) INFO a library's line\n[digits] epoch 1/1\n")
+
+    shown = CliRunner().invoke(app, ["logs", "digits-20261204-120000"])
+    assert shown.exit_code == 0 and shown.output == log.read_text()
+
+    missing = CliRunner().invoke(app, ["logs", "digits-19990101-000000"])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert f"no log for job 'digits-19990101-000000' in {log.parent}" in missing.output
+    assert "the newest local jobs: digits-20261204-120000" in missing.output
+
+
+FACTS = {
+    "job": "quickstart",
+    "job_id": "quickstart-20261204-120000",
+    "kind": "classify",
+    "outcome": "succeeded",
+    "wall_s": 3725.4,
+    "epochs": 6,
+    "final": {"val_top1": 0.984, "val_loss": 0.0512},
+    "best": {"metric": "val_top1", "value": 0.99, "epoch": 5},
+    "images_per_sec": 471.6,
+    "checkpoint": "/tmp/runs/quickstart/checkpoint_2026-12-04_12-00-00.000000",
+    "device": "CPU worker",
+    "device_hours": 2.0697,
+    "mlflow": {
+        "tracking_uri": "sqlite:////tmp/.wrn-cluster/mlflow.db",
+        "experiment_id": "1",
+        "run_id": "f3590",
+        "run_status": "FINISHED",
+        "run_path": "#/experiments/1/runs/f3590",
+        "model": {
+            "name": "wrn_quickstart",
+            "version": "2",
+            "alias": "champion",
+            "decision": "kept wrn_quickstart@champion: v2 val_top1=0.99 vs v1 val_top1=1.0",
+        },
+    },
+}
+
+
+def test_the_summary_says_each_fact_once_and_the_next_commands():
+    lines = summary.lines(FACTS)
+    text = "\n".join(lines)
+    assert lines[0] == "[quickstart] summary: classify job quickstart-20261204-120000 succeeded"
+    assert all(line.startswith("[quickstart] ") for line in lines)  # the console shows them
+    assert "wall time    1h 02m 05s  (2.0697 CPU worker-h)" in text
+    assert "best         val_top1 99.00% (epoch 5)" in text
+    assert "final        epoch 6: val_top1 98.40%  val_loss 0.0512" in text
+    assert "throughput   472 img/s" in text
+    assert f"{summary.UI}/#/experiments/1/runs/f3590" in text
+    assert text.count("kept wrn_quickstart@champion: v2") == 1
+    assert "next         wrn-cluster pull models:/wrn_quickstart@champion --dst ./model" in text
+    assert "mlflow ui --backend-store-uri sqlite:////tmp/.wrn-cluster/mlflow.db" in text
+
+
+def test_a_servers_run_is_named_by_its_url_and_no_ui_command_is_suggested():
+    served = {**FACTS, "mlflow": {**FACTS["mlflow"], "tracking_uri": "http://mlflow:5000"}}
+    served["mlflow"]["run_url"] = "http://mlflow:5000/#/experiments/1/runs/f3590"
+    text = "\n".join(summary.lines(served))
+    assert "MLflow run   f3590  http://mlflow:5000/#/experiments/1/runs/f3590" in text
+    assert "mlflow ui" not in text
