@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +34,11 @@ models_app = typer.Typer(help="The paper's networks, by name.", no_args_is_help=
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Datasets: write and check them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+runs_app = typer.Typer(
+    help="Jobs' runs in MLflow (MLFLOW_TRACKING_URI, else the embedded store).",
+    no_args_is_help=True,
+)
+app.add_typer(runs_app, name="runs")
 bench_app = typer.Typer(
     help="Benchmarks: the project's speed as a ratio against a named baseline.",
     no_args_is_help=True,
@@ -410,6 +416,78 @@ def predict(
         for label, prob, *box in ranked:  # a detector's results carry their box
             where = f"  [{', '.join(f'{v:g}' for v in box[0])}]" if box else ""
             out.print(f"  {prob:7.2%}  {label}{where}")
+
+
+@runs_app.command("list")
+def runs_list(
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment's runs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """Recent jobs: status, epochs, score and the model versions registered from each."""
+    from wrn_cluster import tracking
+
+    try:
+        rows = tracking.recent_runs(tracking.tracking_uri(), experiment, limit)
+    except Exception as error:  # MLflow's errors: a server down, a refused login
+        raise fail(f"cannot list runs in {tracking.display_uri()}: {_first_line(error)}") from None
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    if not rows:
+        out.print(f"no runs of wrn-cluster jobs in {tracking.display_uri()}")
+        return
+    table = Table("started", "job", "kind", "status", "epochs", "score", "models", "run id")
+    for row in rows:
+        score = row["score"]
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(row["started"] / 1000)),
+            row["job"],
+            row["kind"],
+            row["status"],
+            str(row["epochs"] or ""),
+            f"{score['metric']} {score['value']:.4g}" if score else "",
+            ", ".join(row["versions"]),
+            row["run_id"],
+        )
+    # Whole run ids and names, also in a pipe (where rich would take 80 columns).
+    wide = out if out.is_terminal else Console(highlight=False, width=200)
+    wide.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="A run id, or a job name (its newest run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """One job's run: params, latest metrics, tags, artifacts and registered versions."""
+    from wrn_cluster import tracking
+
+    try:
+        found = tracking.run_details(tracking.tracking_uri(), run)
+    except Exception as error:  # MLflow's errors: a server down, a refused login
+        raise fail(
+            f"cannot read {run!r} in {tracking.display_uri()}: {_first_line(error)}"
+        ) from None
+    if found is None:
+        raise fail(
+            f"no run or job named {run!r} in {tracking.display_uri()}; `wrn-cluster runs list` "
+            "shows the recent ones"
+        )
+    if as_json:
+        out.print_json(json.dumps(found))
+        return
+    score = found["score"]
+    out.print(f"{found['job']} ({found['kind']}) run {found['run_id']}: {found['status']}")
+    out.print(f"  experiment: {found['experiment']}  UI: {found['run_path']}")
+    if score:
+        out.print(f"  {score['metric']}: {score['value']:.4g} after {found['epochs']} epochs")
+    out.print(f"  models: {', '.join(found['versions']) or 'none registered'}")
+    for section in ("metrics", "params", "tags"):
+        out.print(f"{section}:")
+        for key, value in found[section].items():
+            out.print(f"  {key}: {value}", markup=False)
+    out.print(f"artifacts: {', '.join(found['artifacts'])}", markup=False)
 
 
 def _first_line(error: Exception) -> str:

@@ -40,7 +40,11 @@ def facts(spec: Spec, job_id: str, result: Any, wall_s: float) -> dict[str, Any]
     found["device"] = "GPU" if spec.scaling.use_gpu else "CPU worker"
     found["device_hours"] = round(wall_s / 3600 * devices, 4)
     if spec.tracking.enabled:
-        found["mlflow"] = tracking.job_outcome(tracking.tracking_uri(), spec)
+        try:
+            found["mlflow"] = tracking.job_outcome(tracking.tracking_uri(), spec)
+        except Exception as error:  # noqa: BLE001 (the job is done; a summary never fails it)
+            reason = " ".join(str(error).split())[:300]
+            found["mlflow"] = {"unavailable": f"{type(error).__name__}: {reason}"}
     return found
 
 
@@ -105,7 +109,9 @@ def lines(found: dict[str, Any]) -> list[str]:
     if "checkpoint" in found:
         add("checkpoint", found["checkpoint"])
     mlflow = found.get("mlflow") or {}
-    if mlflow:
+    if "unavailable" in mlflow:
+        add("MLflow", f"not reachable for the summary ({mlflow['unavailable']})")
+    elif mlflow:
         where = mlflow.get("run_url") or f"{UI}/{mlflow['run_path']} (once `mlflow ui` runs)"
         add("MLflow run", f"{mlflow['run_id']}  {where}")
     model = mlflow.get("model")

@@ -45,9 +45,10 @@ def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None
     made from. Ray keeps them all (num_to_keep=None): its own policy keeps the newest N or the
     best N, not both. It runs in the Train controller, on a thread of its own (listing the
     storage and asking the registry must not hold up the controller), one pass at a time: a
-    checkpoint that comes while a pass runs is covered by the next. The job's last pass may
-    still run when fit() returns; one cut short leaves a retired folder or two to the next."""
-    from concurrent.futures import ThreadPoolExecutor
+    checkpoint that comes while a pass runs is covered by the next. The pass after the job's
+    last epoch is waited for (the controller ends soon after it); one cut short otherwise (a
+    search stopping a trial) leaves a retired folder or two to the next."""
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     from ray.train import UserCallback
 
@@ -64,8 +65,13 @@ def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None
             self.running = None
 
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            if checkpoint is None or (self.running and not self.running.done()):
+            # The job's last checkpoint: its pass runs to the end before the controller goes
+            # on (and may shut down), so a finished job keeps exactly what the policy says.
+            last = metrics[0].get("epoch") == spec.schedule.epochs and "step" not in metrics[0]
+            if checkpoint is None or (self.running and not self.running.done() and not last):
                 return
+            if self.running and last:
+                wait([self.running])
             self.passes = self.passes or ThreadPoolExecutor(1, "wrn-retention")
             run_folder = checkpoint.path.rstrip("/").rpartition("/")[0]
             self.running = self.passes.submit(
@@ -77,6 +83,8 @@ def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None
                 protected,
                 self.known,
             )
+            if last:
+                wait([self.running])
 
     return Retention()
 

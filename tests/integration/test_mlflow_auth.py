@@ -220,7 +220,11 @@ def signed_in_job(auth_server, digits, tmp_path_factory):
             env=env,
         )
         yield SimpleNamespace(
-            run=run, output=run.stdout + run.stderr, checkpoints=tmp / "runs", ray_tmp=ray_tmp
+            run=run,
+            output=run.stdout + run.stderr,
+            checkpoints=tmp / "runs",
+            ray_tmp=ray_tmp,
+            home=tmp / "home",
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -281,6 +285,8 @@ def test_the_password_is_nowhere_the_job_wrote(signed_in_job, signed_in, auth_se
     assert leaking_files(signed_in_job.checkpoints) == []
     assert list(signed_in_job.ray_tmp.rglob("*.log"))
     assert leaking_files(signed_in_job.ray_tmp) == []  # Ray's session logs
+    assert list((signed_in_job.home / "logs").glob("auth-*.log"))
+    assert leaking_files(signed_in_job.home) == []  # the job's own log file, and the rest
 
     # The server side: its database, artifact store, log, and its users' database (hashes).
     assert not leaks(auth_server.postgres.dump(auth_server.database).encode())

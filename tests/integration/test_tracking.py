@@ -196,6 +196,39 @@ def test_pulled_champion_predicts_like_the_trained_model_without_the_project(tra
     assert lines[1].split()[-1] == "3"  # the strong model knows a 3
 
 
+def test_runs_list_and_show_read_the_jobs_from_the_tracking_server(tracked):
+    from typer.testing import CliRunner
+
+    from wrn_cluster.cli import app
+
+    client = tracked["client"]
+    listed = CliRunner().invoke(app, ["runs", "list", "--experiment", "digits", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["job"]: row for row in json.loads(listed.output)}
+    assert {"weak", "worse", "strong"} <= set(rows)  # every job, newest first, once
+    for job in ("weak", "worse", "strong"):
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("digits").experiment_id],
+            f"tags.`wrn_cluster.job_name` = '{job}'",
+        )
+        assert rows[job]["run_id"] == run.info.run_id and rows[job]["status"] == "FINISHED"
+        assert rows[job]["score"]["value"] == round(run.data.metrics["val_top1"], 6)
+    assert rows["weak"]["versions"] == [f"{MODEL} v1"]
+    assert rows["worse"]["versions"] == [f"{MODEL} v2"]  # refused the alias
+    assert rows["strong"]["versions"] == [f"{MODEL} v3", f"{MODEL} v4 @champion"]
+    assert rows["strong"]["epochs"] == 4 and rows["strong"]["kind"] == "classify"
+
+    table = CliRunner().invoke(app, ["runs", "list"])
+    assert table.exit_code == 0 and rows["strong"]["run_id"] in table.output
+
+    shown = CliRunner().invoke(app, ["runs", "show", "strong"])
+    assert shown.exit_code == 0, shown.output
+    assert f"strong (classify) run {rows['strong']['run_id']}: FINISHED" in shown.output
+    assert "optimizer.lr: 0.05" in shown.output and "spec.yaml" in shown.output
+    missing = CliRunner().invoke(app, ["runs", "show", "no-such-job"])
+    assert missing.exit_code == 1 and "no run or job named 'no-such-job'" in missing.output
+
+
 def test_training_survives_a_tracking_server_outage(tracked):
     client, server = tracked["client"], tracked["server"]
     spec = tracked_job(tracked, "outage", epochs=6, lr=0.05)

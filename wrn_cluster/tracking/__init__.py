@@ -17,7 +17,7 @@ outcome: what a finished job left in MLflow, for its summary
 from wrn_cluster.tracking.context import JOB_TAG, RunContext, artifact_location, run_context
 from wrn_cluster.tracking.models import MODEL_NAME, log_classifier, log_detector
 from wrn_cluster.tracking.names import registry_name_problems
-from wrn_cluster.tracking.outcome import job_outcome
+from wrn_cluster.tracking.outcome import job_outcome, recent_runs, run_details
 from wrn_cluster.tracking.pull import predict, pull, resolve_version
 from wrn_cluster.tracking.registry import (
     RegistrationError,
@@ -60,6 +60,8 @@ __all__ = [
     "fluent_store",
     "is_server",
     "job_outcome",
+    "recent_runs",
+    "run_details",
     "log_classifier",
     "log_detector",
     "log_trained_model",
