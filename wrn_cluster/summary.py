@@ -10,6 +10,7 @@ from typing import Any
 
 from wrn_cluster import tracking
 from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob
+from wrn_cluster.train.metrics import duration
 
 Spec = ClassifyJob | DetectJob | TuneJob
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -93,7 +94,7 @@ def lines(found: dict[str, Any]) -> list[str]:
     def add(label: str, text: str) -> None:
         out.append(f"[{name}]   {label:<12} {text}")
 
-    add("wall time", f"{_duration(found['wall_s'])}  ({found['device_hours']} {found['device']}-h)")
+    add("wall time", f"{duration(found['wall_s'])}  ({found['device_hours']} {found['device']}-h)")
     if "trials" in found:
         add("trials", f"{found['trials']} ({found['failed_trials']} failed)")
     best = found.get("best")
@@ -142,9 +143,3 @@ def _score(name: str, value: float) -> str:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"

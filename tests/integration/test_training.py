@@ -84,6 +84,7 @@ def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical
         tmp_path / "faulty",
         name="faulty",
         checkpoint={"max_failures": 2, "every_steps": 10},
+        tracking={"progress_every_s": 0.5},  # rank 0's lines inside an epoch
         **DETERMINISTIC,
     )
     job["checkpoint"]["storage"] = str(tmp_path / "faulty")
@@ -118,6 +119,12 @@ def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical
     epoch, samples, step = map(int, where.groups())
     assert step % 10 == 0 and samples == (step - 45 * (epoch - 1)) * 32 > 0, where.group(0)
     assert resumed["epoch"] == uninterrupted["epoch"] == 4
+    # Inside the epochs, rank 0's line says the step, the loss, the pace and the time left.
+    assert re.search(
+        r"\[faulty\] epoch [1-4]/4 step \d+/45 \(\d+%\)  loss \d+\.\d{4}  \d+ img/s  "
+        r"ETA epoch \S+, job ",
+        output,
+    ), output
     assert resumed["step"] == uninterrupted["step"] == 4 * 45
     for key, tensor in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], tensor), key

@@ -2,6 +2,7 @@
 (routed at the file descriptors, in a process of its own), `wrn-cluster logs` for embedded jobs,
 and the summary block's lines."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from wrn_cluster import summary
 from wrn_cluster.cli import app
 from wrn_cluster.console import is_projects, log_path, plain
+from wrn_cluster.train.metrics import InEpoch, duration
 
 JOB = textwrap.dedent(
     """
@@ -156,7 +158,7 @@ def test_the_summary_says_each_fact_once_and_the_next_commands():
     text = "\n".join(lines)
     assert lines[0] == "[quickstart] summary: classify job quickstart-20261204-120000 succeeded"
     assert all(line.startswith("[quickstart] ") for line in lines)  # the console shows them
-    assert "wall time    1h 02m 05s  (2.0697 CPU worker-h)" in text
+    assert "wall time    1h 02m  (2.0697 CPU worker-h)" in text
     assert "best         val_top1 99.00% (epoch 5)" in text
     assert "final        epoch 6: val_top1 98.40%  val_loss 0.0512" in text
     assert "throughput   472 img/s" in text
@@ -172,3 +174,21 @@ def test_a_servers_run_is_named_by_its_url_and_no_ui_command_is_suggested():
     text = "\n".join(summary.lines(served))
     assert "MLflow run   f3590  http://mlflow:5000/#/experiments/1/runs/f3590" in text
     assert "mlflow ui" not in text
+
+
+def test_the_line_inside_an_epoch_says_step_pace_and_time_left():
+    progress = InEpoch("imagenet", epochs=2, steps_per_epoch=400, batch=256, every_s=30)
+    assert not progress.due()  # not before its first interval
+    progress.start_epoch(done=400)  # the second epoch's steps start at the job's step 400
+    progress.started -= 10.0  # 100 steps in 10 s: 0.1 s a step
+    line = progress.line(epoch=1, done=500, loss=2.31415)
+    found = re.fullmatch(
+        r"\[imagenet\] epoch 2/2 step 100/400 \(25%\)  loss 2\.3142  (\d+) img/s  "
+        r"ETA epoch (\d+)s, job (\d+)s",
+        line,
+    )
+    assert found, line
+    assert 2500 <= int(found[1]) <= 2560 and found[2] == found[3] == "30"
+    assert not progress.due()  # the clock starts again at each line
+    assert InEpoch("x", 1, 10, 8, every_s=0).due() is False  # 0: no lines inside epochs
+    assert [duration(s) for s in (9, 252, 11100)] == ["9s", "4m 12s", "3h 05m"]

@@ -295,6 +295,12 @@ class TrackingSection(Section):
     alias: str = "champion"
     promotion_metric: str = "val_top1"
     log_every_steps: int = Field(50, ge=1)
+    progress_every_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between rank 0's progress lines inside an epoch (step, loss, "
+        "img/s, ETA of the epoch and the job); 0 prints only the epoch lines.",
+    )
     enabled: bool = True
 
 

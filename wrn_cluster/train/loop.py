@@ -81,6 +81,13 @@ def train_func(config: dict[str, Any]) -> None:
     in_background = spec.checkpoint.upload == "async"
     uploading = checkpoint.UploadsInFlight()
     preemption = Preemption(spec.checkpoint.preemption_check_steps)
+    progress = metrics.InEpoch(
+        spec.name,
+        spec.schedule.epochs,
+        steps_per_epoch,
+        spec.data.batch_size,
+        spec.tracking.progress_every_s if rank == 0 else 0,
+    )
 
     def report_with_checkpoint(
         report: dict[str, Any], epoch: int, samples: int = 0, wait: bool = False
@@ -134,6 +141,7 @@ def train_func(config: dict[str, Any]) -> None:
         parts.train_set.set_epoch(epoch)
         model.train()
         sums = metrics.Sums(task.SUMS)
+        progress.start_epoch(scheduler.last_epoch)
         for i, (inputs, targets) in enumerate(train_loader, start=skip):
             last_micro = (i + 1) % accum == 0 or i + 1 == len(batches)
             loss, stats = step(inputs, targets, last_micro, batches.weight(i, len(targets)))
@@ -144,6 +152,8 @@ def train_func(config: dict[str, Any]) -> None:
             done, lr = scheduler.last_epoch, step.optimizer.param_groups[0]["lr"]
             if tracker and done % log_every == 0:
                 tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr}, done)
+            if progress.due():  # rank 0 only, every tracking.progress_every_s seconds
+                print(progress.line(epoch, done, loss.item()), flush=True)
             notice = preemption.asked(done)  # a collective every preemption_check_steps
             step_due = bool(every_steps) and done % every_steps == 0
             # A step checkpoint due while the previous upload runs is skipped (rank 0 knows;

@@ -1,5 +1,5 @@
-"""Metric names, the epoch's sums of a step's stats, and the progress lines (one per epoch
-and one per step checkpoint).
+"""Metric names, the epoch's sums of a step's stats, and the progress lines (one per epoch,
+one per step checkpoint, and rank 0's every few seconds inside an epoch).
 
 A step returns its batch's stats as one tensor on the device, in the order of its task's
 ``SUMS`` names; ``Sums`` adds them up and reads them back once per epoch, by name.
@@ -7,6 +7,7 @@ A step returns its batch's stats as one tensor on the device, in the order of it
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -137,3 +138,51 @@ def progress_line(
         f"[{job_name}] epoch {m['epoch']}/{epochs}  {scores}  lr {m['lr']:.4g}  "
         f"{m['images_per_sec']:.0f} img/s  {m['epoch_time_s']:.1f}s{on}"
     )
+
+
+class InEpoch:
+    """Rank 0's sign of life inside a long epoch: every ``every_s`` seconds a line with the
+    step, the loss, the images per second since the epoch (or the resume) started, and the
+    time left in the epoch and in the job at that pace (evaluation not counted)."""
+
+    def __init__(
+        self, job_name: str, epochs: int, steps_per_epoch: int, batch: int, every_s: float
+    ) -> None:
+        self.job_name, self.epochs, self.steps_per_epoch = job_name, epochs, steps_per_epoch
+        self.batch, self.every_s = batch, every_s
+        self.started = self.last = time.perf_counter()
+        self.first_step = 0
+
+    def start_epoch(self, done: int) -> None:
+        """``done``: the optimizer steps the job had taken when this epoch's steps began."""
+        self.started = self.last = time.perf_counter()
+        self.first_step = done
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.perf_counter() - self.last >= self.every_s
+
+    def line(self, epoch: int, done: int, loss: float) -> str:
+        """The line at optimizer step ``done`` of the job (``epoch`` 0-based)."""
+        now = time.perf_counter()
+        self.last = now
+        steps = max(done - self.first_step, 1)
+        per_step = (now - self.started) / steps
+        in_epoch = done - epoch * self.steps_per_epoch
+        left_epoch = (self.steps_per_epoch - in_epoch) * per_step
+        left_job = left_epoch + (self.epochs - epoch - 1) * self.steps_per_epoch * per_step
+        return (
+            f"[{self.job_name}] epoch {epoch + 1}/{self.epochs} step {in_epoch}/"
+            f"{self.steps_per_epoch} ({in_epoch / self.steps_per_epoch:.0%})  loss {loss:.4f}  "
+            f"{self.batch / per_step:.0f} img/s  ETA epoch {duration(left_epoch)}, "
+            f"job {duration(left_job)}"
+        )
+
+
+def duration(seconds: float) -> str:
+    """3h 05m, 4m 12s, 9s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
