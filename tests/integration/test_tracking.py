@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -194,6 +195,53 @@ def test_pulled_champion_predicts_like_the_trained_model_without_the_project(tra
     lines = predicted.stdout.splitlines()
     assert lines[0] == f"{images[0]}:" and len(lines) == 12  # 2 images x (name + top 5)
     assert lines[1].split()[-1] == "3"  # the strong model knows a 3
+
+
+def test_mlflow_serves_the_champion_one_prediction_per_image_for_any_batch(tracked, tmp_path):
+    """`mlflow models serve` (MLflow's own server, on this environment) answers /invocations
+    for batches of 1, 3 and 64 images with one row of class scores per image, the pulled
+    model's own."""
+    import mlflow
+
+    from tests.util import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
+         "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        # As from an activated environment: MLflow starts uvicorn from the PATH.
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
+                    return reply.status == 200
+            except OSError:
+                return server.poll() is not None  # gone: stop waiting, say why below
+
+        wait_until(answers, 120, "mlflow models serve to answer /ping")
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        local = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        for batch in (1, 3, 64):
+            images = np.random.default_rng(batch).random((batch, 3, 16, 16), dtype=np.float32)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({"inputs": images.tolist()}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                predictions = np.asarray(json.loads(reply.read())["predictions"])
+            assert predictions.shape == (batch, 10), predictions.shape
+            np.testing.assert_allclose(predictions, local.predict(images), atol=1e-4)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 def test_runs_list_and_show_read_the_jobs_from_the_tracking_server(tracked):
