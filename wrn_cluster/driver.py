@@ -117,8 +117,6 @@ def _run(spec: Spec, job_id: str | None, dashboard_url: str | None, say: Callabl
         if context:
             tracking.end_unfinished_run(spec, context, "FAILED")
         raise JobError(f"job {spec.name!r} failed: {_failure(spec, error)}") from None
-    if result.checkpoint is not None:
-        say(f"[{spec.name}] checkpoints: {result.checkpoint.path}")
     if context and result.checkpoint is not None:
         try:
             run_id = trainer.log_final_model(spec, context, result.checkpoint)
