@@ -149,9 +149,7 @@ def submit(
     ] = False,
     verbose: Annotated[
         bool,
-        typer.Option(
-            "--verbose", "-v", help="Also show Ray's, MLflow's and Python's lines (embedded Ray)."
-        ),
+        typer.Option("--verbose", "-v", help="Also show Ray's, MLflow's and Python's lines."),
     ] = False,
     as_json: Annotated[
         bool,
@@ -171,7 +169,7 @@ def submit(
         return
     try:
         if address:
-            code = launcher.submit_remote(spec, address, wait, out.print)
+            code = launcher.submit_remote(spec, address, wait, out.print, verbose)
         else:
             code = launcher.run_local(spec, verbose, as_json)
     except LaunchError as error:

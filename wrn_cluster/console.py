@@ -8,7 +8,9 @@ log file as it came. A line also reaches the console when it is the project's: a
 ``(TrainController pid=N)`` prefix and colour codes are taken off, it starts with ``[NAME]`` (the
 job's own lines, printed by the driver, the controller or rank 0) or ``[NAME-`` (a search's
 trials), or with ``warning:`` or ``error:``. What the launcher says itself (``say``) goes to both
-directly. ``verbose`` shows every line on the console as Ray prints it.
+directly. On a terminal, rank 0's lines inside an epoch move a progress bar (rich) instead of
+scrolling. ``verbose`` shows every line on the console as Ray prints it. ``FollowedLog`` applies
+the same rule to a cluster job's log that `submit` follows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from typing import IO
 _COLOUR = r"(?:\x1b\[[0-9;]*m)*"
 RAY_PREFIX = re.compile(rf"^{_COLOUR}\([^()]*\bpid=\d+[^()]*\){_COLOUR} ?")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Rank 0's line inside an epoch (train.metrics.InEpoch), which a terminal shows as a bar.
+IN_EPOCH = re.compile(
+    r"^(?P<name>\[[^\]]+\] epoch \d+/\d+) step (?P<step>\d+)/(?P<steps>\d+) \(\d+%\)  "
+    r"(?P<rest>.*)$"
+)
 
 
 def plain(line: str) -> str:
@@ -56,6 +63,15 @@ class JobConsole:
         self._lock = threading.Lock()
         self._saved: dict[int, int] = {}
         self._readers: list[threading.Thread] = []
+        self._bar = None  # a rich Progress on a terminal
+        self._task = None
+
+    @property
+    def on_terminal(self) -> bool:
+        """Whether the project's lines go to a terminal (then rank 0's lines inside an epoch
+        drive a progress bar)."""
+        fd = 2 if self.to == "stderr" else 1
+        return not self.verbose and os.isatty(self._real(fd))
 
     def __enter__(self) -> JobConsole:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -73,10 +89,15 @@ class JobConsole:
             )
             reader.start()
             self._readers.append(reader)
+        if self.on_terminal:
+            self._start_bar()
         return self
 
     def __exit__(self, *exc) -> None:
         _flush_std()
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # closes the pipe's last write end this process holds
         # A child that inherited a write end (and outlives the job) must not hold us up.
@@ -92,7 +113,7 @@ class JobConsole:
         """One of the project's lines, from this process: to the console and the log."""
         data = (text.rstrip("\n") + "\n").encode()
         with self._lock:
-            os.write(self._real(2 if self.to == "stderr" else 1), data)
+            self._show(data, 2 if self.to == "stderr" else 1)
             if self._log:
                 self._log.write(data)
 
@@ -121,9 +142,78 @@ class JobConsole:
             if shown is not None:
                 # A project's line on stderr (a warning) stays there; stdout's go where ``to``
                 # says.
-                target = 2 if fd == 2 or self.to == "stderr" else 1
-                with contextlib.suppress(OSError):
-                    os.write(self._real(target), shown)
+                self._show(shown, 2 if fd == 2 or self.to == "stderr" else 1)
+
+    def _show(self, data: bytes, fd: int) -> None:
+        """On the console: above the bar when there is one; rank 0's line inside an epoch
+        moves the bar instead."""
+        if self._bar is None:
+            with contextlib.suppress(OSError):
+                os.write(self._real(fd), data)
+            return
+        text = data.decode(errors="replace").rstrip("\n")
+        found = IN_EPOCH.match(text)
+        if found:
+            self._bar.update(
+                self._task,
+                description=found["name"],
+                completed=int(found["step"]),
+                total=int(found["steps"]),
+                rest=found["rest"],
+                visible=True,
+            )
+        else:
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def _start_bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        fd = 2 if self.to == "stderr" else 1
+        terminal = open(os.dup(self._real(fd)), "w", buffering=1)  # noqa: SIM115 (rich's)
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rest]}"),
+            console=Console(file=terminal, force_terminal=True, highlight=False),
+            transient=True,
+            redirect_stdout=False,  # this process's output goes through the pipes, not rich
+            redirect_stderr=False,
+        )
+        self._task = self._bar.add_task("", total=None, rest="", visible=False)
+        self._bar.start()
+
+
+class FollowedLog:
+    """A cluster job's log as `submit` follows it through the Jobs API: the chunks the API
+    sends are cut into lines; every line goes to the local log file, the project's lines (the
+    same rule as above) to ``show``, and every line there too when ``verbose``."""
+
+    def __init__(self, job_name: str, log_file: Path, show, verbose: bool = False) -> None:
+        self.job_name, self.show, self.verbose = job_name, show, verbose
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._pending = ""
+
+    def write(self, text: str) -> None:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._line(line + "\n")
+
+    def close(self) -> None:
+        if self._pending:
+            self._line(self._pending + "\n")
+            self._pending = ""
+        self._log.close()
+
+    def _line(self, line: str) -> None:
+        self._log.write(line)
+        self._log.flush()
+        if self.verbose:
+            self.show(line)
+        elif is_projects(line, self.job_name):
+            self.show(plain(line))
 
 
 def _flush_std() -> None:

@@ -47,6 +47,8 @@ def run_local(spec: Spec, verbose: bool = False, as_json: bool = False) -> int:
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = console.log_path(home(), job_id)
     routed = console.JobConsole(spec.name, log, verbose, to="stderr" if as_json else "stdout")
+    if routed.on_terminal and "progress_every_s" not in spec.tracking.model_fields_set:
+        spec.tracking.progress_every_s = 2.0  # a bar can move every 2 s; lines every 30 s
     started = time.monotonic()
     try:
         with routed:
@@ -100,8 +102,12 @@ def _run_local(spec: Spec, job_id: str, say: Callable[[str], None]):
             ray.shutdown()
 
 
-def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], None]) -> int:
-    """Ship the package and the resolved spec to the cluster and run the driver there."""
+def submit_remote(
+    spec: Spec, address: str, wait: bool, say: Callable[[str], None], verbose: bool = False
+) -> int:
+    """Ship the package and the resolved spec to the cluster and run the driver there. While
+    it is followed, the job's log shows the project's lines (all of them with ``verbose``) and
+    goes whole to <home>/logs/JOB_ID.log (`wrn-cluster logs JOB_ID` reads Ray's copy)."""
     _refuse_credentials_in_urls()
     client = jobs_client(address)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -127,7 +133,18 @@ def submit_remote(spec: Spec, address: str, wait: bool, say: Callable[[str], Non
     say(f"dashboard: {dashboard_url(address)}/#/jobs/{job_id}")
     if not wait:
         return 0
-    return follow(address, job_id, sys.stdout.write)
+    log = console.log_path(home(), job_id)
+    say(f"log: {log}  (every line of the job; --verbose shows them here)")
+    followed = console.FollowedLog(spec.name, log, _write_now, verbose)
+    try:
+        return follow(address, job_id, followed.write)
+    finally:
+        followed.close()
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _refuse_credentials_in_urls() -> None:

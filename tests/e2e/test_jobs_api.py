@@ -62,12 +62,14 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def cli(*args, address, timeout=300):
+def cli(*args, address, timeout=300, home: Path | None = None):
+    env = {**os.environ, **({"WRN_CLUSTER_HOME": str(home)} if home else {})}
     return subprocess.run(
         [sys.executable, "-m", "wrn_cluster.cli", *args, "--address", address],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -127,10 +129,15 @@ def test_submit_follow_refuse_a_second_stop_and_resume_through_the_jobs_api(clus
     epochs = done_before + 2
     second = cli(
         "submit", str(spec_file), "--set", "scaling.workers=1", "--set",
-        f"schedule.epochs={epochs}", address=cluster, timeout=400,
+        f"schedule.epochs={epochs}", address=cluster, timeout=400, home=tmp_path / "home",
     )  # fmt: skip
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"epoch {epochs}/{epochs}" in second.stdout  # the followed logs show progress lines
+    # Followed, the job's log shows the project's lines; the local log file holds them all.
+    assert "pid=" not in second.stdout and "[jobs-api] summary: classify job" in second.stdout
+    (followed_log,) = (tmp_path / "home" / "logs").glob("jobs-api-*.log")
+    assert f"log: {followed_log}" in second.stdout
+    assert "(TrainController pid=" in followed_log.read_text()
     state = _newest(run_dir)
     # It resumes from the newest checkpoint Ray Train had registered when the job stopped: the
     # newest folder on disk, or the one before it if the stop came while that was registering.

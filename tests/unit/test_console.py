@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from wrn_cluster import summary
 from wrn_cluster.cli import app
-from wrn_cluster.console import is_projects, log_path, plain
+from wrn_cluster.console import FollowedLog, is_projects, log_path, plain
 from wrn_cluster.train.metrics import InEpoch, duration
 
 JOB = textwrap.dedent(
@@ -192,3 +192,83 @@ def test_the_line_inside_an_epoch_says_step_pace_and_time_left():
     assert not progress.due()  # the clock starts again at each line
     assert InEpoch("x", 1, 10, 8, every_s=0).due() is False  # 0: no lines inside epochs
     assert [duration(s) for s in (9, 252, 11100)] == ["9s", "4m 12s", "3h 05m"]
+
+
+def test_a_followed_cluster_log_shows_the_projects_lines_and_keeps_every_line(tmp_path):
+    shown: list[str] = []
+    log = tmp_path / "logs" / "digits-1.log"
+    followed = FollowedLog("digits", log, shown.append)
+    # The Jobs API sends chunks that cut lines anywhere.
+    for chunk in [
+        "2026-12-04 INFO worker.py: Connecting to existing Ray cluster\n(TrainCon",
+        "troller pid=7) [digits] epoch 1/2  lr 0.1\n(RayTrainWorker pid=8) INFO mlflow",
+        ": Creating tables\nerror: job 'digits' is already running\n[digits] summary: done",
+    ]:
+        followed.write(chunk)
+    followed.close()
+    assert shown == [
+        "[digits] epoch 1/2  lr 0.1\n",
+        "error: job 'digits' is already running\n",
+        "[digits] summary: done\n",
+    ]
+    assert log.read_text().splitlines() == [
+        "2026-12-04 INFO worker.py: Connecting to existing Ray cluster",
+        "(TrainController pid=7) [digits] epoch 1/2  lr 0.1",
+        "(RayTrainWorker pid=8) INFO mlflow: Creating tables",
+        "error: job 'digits' is already running",
+        "[digits] summary: done",
+    ]
+    everything: list[str] = []
+    verbose = FollowedLog("digits", tmp_path / "verbose.log", everything.append, verbose=True)
+    verbose.write("(RayTrainWorker pid=8) INFO mlflow: Creating tables\n")
+    verbose.close()
+    assert everything == ["(RayTrainWorker pid=8) INFO mlflow: Creating tables\n"]
+
+
+BAR_JOB = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from wrn_cluster.console import JobConsole
+
+    with JobConsole("digits", Path(sys.argv[1])) as console:
+        for step in (100, 200):
+            print(f"(RayTrainWorker pid=8) [digits] epoch 1/2 step {step}/400 ({step // 4}%)  "
+                  "loss 2.3142  2560 img/s  ETA epoch 30s, job 1m 10s", flush=True)
+            time.sleep(0.3)
+        print("(TrainController pid=7) [digits] epoch 1/2  train loss 2.0000", flush=True)
+        time.sleep(0.3)
+    """
+)
+
+
+def test_on_a_terminal_the_lines_inside_an_epoch_move_a_progress_bar(tmp_path):
+    import os
+    import pty
+
+    script = tmp_path / "bar.py"
+    script.write_text(BAR_JOB)
+    leader, follower = pty.openpty()
+    job = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "bar.log")],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the job closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert job.wait(timeout=60) == 0, job.stderr.read()
+    os.close(leader)
+    terminal = seen.decode(errors="replace")
+    assert "200/400" in terminal and "loss 2.3142  2560 img/s" in terminal  # the bar
+    assert "step 200/400 (50%)" not in terminal  # not the line itself
+    assert "[digits] epoch 1/2  train loss 2.0000" in terminal  # the epoch line, above it
+    assert "step 200/400 (50%)  loss 2.3142" in (tmp_path / "bar.log").read_text()
