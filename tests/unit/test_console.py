@@ -272,3 +272,23 @@ def test_on_a_terminal_the_lines_inside_an_epoch_move_a_progress_bar(tmp_path):
     assert "step 200/400 (50%)" not in terminal  # not the line itself
     assert "[digits] epoch 1/2  train loss 2.0000" in terminal  # the epoch line, above it
     assert "step 200/400 (50%)  loss 2.3142" in (tmp_path / "bar.log").read_text()
+
+
+def test_evaluation_says_its_progress_and_yields_every_batch(capsys):
+    import time
+
+    progress = InEpoch("digits", epochs=2, steps_per_epoch=10, batch=8, every_s=0.01)
+    seen = []
+    for batch in progress.evaluating([1, 2, 3, 4], epoch=0):
+        time.sleep(0.02)
+        seen.append(batch)
+    assert seen == [1, 2, 3, 4]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines, "no evaluation line"
+    for line in lines:
+        assert re.fullmatch(
+            r"\[digits\] epoch 1/2 evaluating batch [1-4]/4 \(\d+%\)  ETA \d+s", line
+        )
+    quiet = InEpoch("digits", epochs=2, steps_per_epoch=10, batch=8, every_s=0)
+    assert list(quiet.evaluating([1, 2], epoch=1)) == [1, 2]
+    assert capsys.readouterr().out == ""

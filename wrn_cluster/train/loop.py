@@ -174,7 +174,7 @@ def train_func(config: dict[str, Any]) -> None:
         train = metrics.train_metrics(
             spec.kind, sums.read(world), time.perf_counter() - epoch_start
         )
-        val = task.evaluate(model, val_loader, step, parts, rank, world)
+        val = task.evaluate(model, progress.evaluating(val_loader, epoch), step, parts, rank, world)
         now = time.perf_counter()
         lr = step.optimizer.param_groups[0]["lr"]
         report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)

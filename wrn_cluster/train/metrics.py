@@ -177,6 +177,22 @@ class InEpoch:
             f"job {duration(left_job)}"
         )
 
+    def evaluating(self, loader, epoch: int):
+        """``loader``'s batches, with a line every ``every_s`` seconds while evaluation of
+        ``epoch`` (0-based) runs: the batch, the share done and the time left."""
+        total = len(loader)
+        started = self.last = time.perf_counter()
+        for i, batch in enumerate(loader, start=1):
+            yield batch
+            if self.due():
+                now = self.last = time.perf_counter()
+                left = (total - i) * (now - started) / i
+                print(
+                    f"[{self.job_name}] epoch {epoch + 1}/{self.epochs} evaluating batch "
+                    f"{i}/{total} ({i / total:.0%})  ETA {duration(left)}",
+                    flush=True,
+                )
+
 
 def duration(seconds: float) -> str:
     """3h 05m, 4m 12s, 9s."""
