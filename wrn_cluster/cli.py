@@ -154,7 +154,8 @@ def submit(
     as_json: Annotated[
         bool,
         typer.Option(
-            "--json", help="Print the job's summary as one JSON object on stdout (embedded Ray)."
+            "--json",
+            help="Print the job's summary as one JSON object on stdout (embedded Ray only).",
         ),
     ] = False,
 ) -> None:
@@ -164,6 +165,11 @@ def submit(
     overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
     spec = load_spec(file, overrides)
     address = cluster.cluster_address(address)
+    if address and as_json:
+        raise fail(
+            "--json is for jobs on the embedded Ray: a cluster job's summary ends its log "
+            "(`wrn-cluster logs JOB_ID`); leave out --json, or --address and RAY_ADDRESS"
+        )
     if dry_run:
         _dry_run(spec, address)
         return
@@ -232,7 +238,8 @@ def logs(
         if local.is_file():
             sys.stdout.write(local.read_text(errors="replace"))
             return
-        known = sorted(p.stem for p in local.parent.glob("*.log"))[-5:]
+        logs = sorted(local.parent.glob("*.log"), key=lambda p: p.stat().st_mtime)
+        known = [p.stem for p in logs[-5:]][::-1]  # newest first
         raise fail(
             f"no log for job {job_id!r} in {local.parent} and no cluster (--address or "
             "RAY_ADDRESS)" + (f"; the newest local jobs: {', '.join(known)}" if known else "")

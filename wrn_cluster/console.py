@@ -36,9 +36,16 @@ IN_EPOCH = re.compile(
 )
 
 
+# Python's line for a warnings.warn of the project's own code (in the driver or a worker).
+OWN_WARNING = re.compile(r"^\S*/wrn_cluster/\S+\.py:\d+: \w*Warning: (?P<message>.*)$")
+
+
 def plain(line: str) -> str:
-    """A line without Ray's source prefix and without terminal colour codes."""
-    return ANSI.sub("", RAY_PREFIX.sub("", line, count=1))
+    """A line without Ray's source prefix and without terminal colour codes; the project's
+    own Python warnings as ``warning: MESSAGE``."""
+    text = ANSI.sub("", RAY_PREFIX.sub("", line, count=1))
+    own = OWN_WARNING.match(text)
+    return f"warning: {own['message']}\n" if own else text
 
 
 def is_projects(line: str, job_name: str) -> bool:
@@ -103,11 +110,13 @@ class JobConsole:
         # A child that inherited a write end (and outlives the job) must not hold us up.
         for reader in self._readers:
             reader.join(timeout=5)
-        for saved in self._saved.values():
-            os.close(saved)
-        self._saved.clear()
-        if self._log:
-            self._log.close()
+        with self._lock:  # a reader still running (a child holds a pipe) stops logging
+            for saved in self._saved.values():
+                os.close(saved)
+            self._saved.clear()
+            log, self._log = self._log, None
+        if log:
+            log.close()
 
     def say(self, text: str) -> None:
         """One of the project's lines, from this process: to the console and the log."""
@@ -115,7 +124,8 @@ class JobConsole:
         with self._lock:
             self._show(data, 2 if self.to == "stderr" else 1)
             if self._log:
-                self._log.write(data)
+                with contextlib.suppress(OSError, ValueError):
+                    self._log.write(data)
 
     def _real(self, fd: int) -> int:
         """The console behind stdout (1) or stderr (2), while they point at the pipes."""
@@ -135,7 +145,10 @@ class JobConsole:
         text = data.decode(errors="replace")
         with self._lock:
             if self._log:
-                self._log.write(data)
+                # A full disk must not stop the draining: the pipes would fill and block the
+                # job's every print.
+                with contextlib.suppress(OSError, ValueError):
+                    self._log.write(data)
             shown = data if self.verbose else None
             if shown is None and is_projects(text, self.job_name):
                 shown = plain(text).encode()

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, preflight.PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    found = summary.facts(spec, job_id or spec.name, result, time.monotonic() - started)
+    found = summary.safe_facts(spec, job_id or spec.name, result, time.monotonic() - started)
     print("\n".join(summary.lines(found)), flush=True)
     return 0
 

@@ -51,12 +51,19 @@ def run_local(spec: Spec, verbose: bool = False, as_json: bool = False) -> int:
         spec.tracking.progress_every_s = 2.0  # a bar can move every 2 s; lines every 30 s
     started = time.monotonic()
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LaunchError(
+            f"cannot write the job's log file in {log.parent} ({error.strerror}); set "
+            "WRN_CLUSTER_HOME to a folder you can write"
+        ) from None
+    try:
         with routed:
             routed.say(f"log: {log}  (every line of the job; --verbose shows them here)")
             # Another `submit` of this job on this machine runs its own Ray: the lock file tells.
             with lease.file_lease(spec, lease.holder(job_id)):
                 result = _run_local(spec, job_id, routed.say)
-            found = summary.facts(spec, job_id, result, time.monotonic() - started)
+            found = summary.safe_facts(spec, job_id, result, time.monotonic() - started)
             for line in summary.lines(found):
                 routed.say(line)
             routed.say(f"job {job_id} succeeded")

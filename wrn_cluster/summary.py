@@ -30,14 +30,17 @@ def facts(spec: Spec, job_id: str, result: Any, wall_s: float) -> dict[str, Any]
         "outcome": "succeeded",
         "wall_s": round(wall_s, 1),
     }
-    metric = spec.tracking.promotion_metric
-    lower = metric.endswith("loss")
     if spec.kind == "tune":
-        found.update(_search_facts(result, metric, lower))
+        found.update(_search_facts(spec, result))
     else:
-        found.update(_run_facts(spec, result, metric, lower))
-    workers = spec.scaling.max_workers
-    devices = workers * (spec.scaling.gpus_per_worker if spec.scaling.use_gpu else 1)
+        metric = spec.tracking.promotion_metric
+        found.update(_run_facts(spec, result, metric, metric.endswith("loss")))
+    # Held devices, at most: an elastic group may have run smaller, a search fewer trials.
+    devices = spec.scaling.max_workers * (
+        spec.scaling.gpus_per_worker if spec.scaling.use_gpu else 1
+    )
+    if spec.kind == "tune":
+        devices *= min(spec.tune.max_concurrent_trials or found["trials"], found["trials"])
     found["device"] = "GPU" if spec.scaling.use_gpu else "CPU worker"
     found["device_hours"] = round(wall_s / 3600 * devices, 4)
     if spec.tracking.enabled:
@@ -47,6 +50,23 @@ def facts(spec: Spec, job_id: str, result: Any, wall_s: float) -> dict[str, Any]
             reason = " ".join(str(error).split())[:300]
             found["mlflow"] = {"unavailable": f"{type(error).__name__}: {reason}"}
     return found
+
+
+def safe_facts(spec: Spec, job_id: str, result: Any, wall_s: float) -> dict[str, Any]:
+    """``facts``, or the outcome alone with why the rest is missing: the job is done, and its
+    summary must never turn it into a failure."""
+    try:
+        return facts(spec, job_id, result, wall_s)
+    except Exception as error:  # noqa: BLE001 (a summary never fails a finished job)
+        found = {"job": spec.name, "job_id": job_id, "kind": spec.kind, "outcome": "succeeded"}
+        reason = " ".join(str(error).split())[:300]
+        return {
+            **found,
+            "wall_s": round(wall_s, 1),
+            "device": "",
+            "device_hours": 0.0,
+            "missing": f"{type(error).__name__}: {reason}",
+        }
 
 
 def _run_facts(spec: ClassifyJob | DetectJob, result: Any, metric: str, lower: bool) -> dict:
@@ -70,16 +90,32 @@ def _run_facts(spec: ClassifyJob | DetectJob, result: Any, metric: str, lower: b
     return out
 
 
-def _search_facts(results: Any, metric: str, lower: bool) -> dict:
+def _search_facts(spec: TuneJob, results: Any) -> dict:
+    """The trials, and the best one as the search registers it: by each trial's best
+    ``tune.metric`` (``tune.mode``), among those that ran every epoch if any did."""
+    metric, lower = spec.tune.metric, spec.tune.mode == "min"
     out: dict[str, Any] = {"trials": len(results), "failed_trials": len(results.errors)}
-    ran = [r for r in results if r.metrics and _number(r.metrics.get(metric))]
-    if ran:
-        best = (min if lower else max)(ran, key=lambda r: r.metrics[metric])
+    scored = []
+    for trial in results:
+        history = trial.metrics_dataframe
+        if trial.error is not None or history is None or metric not in history:
+            continue
+        values = history.dropna(subset=[metric])
+        if not len(values):
+            continue
+        at = values[metric].idxmin() if lower else values[metric].idxmax()
+        value, epoch = float(values.loc[at, metric]), int(values["epoch"].max())
+        if _number(value):
+            scored.append((epoch >= spec.schedule.epochs, value, epoch, trial))
+    if scored:
+        completed = [s for s in scored if s[0]] or scored
+        pick = min if lower else max
+        _, value, epoch, best = pick(completed, key=lambda s: s[1])
         out["best"] = {
             "metric": metric,
-            "value": round(best.metrics[metric], 6),
-            "epoch": int(best.metrics.get("epoch", 0)),
-            "trial": best.metrics.get("trial_id"),
+            "value": round(value, 6),
+            "epoch": epoch,
+            "trial": (best.metrics or {}).get("trial_id"),
         }
         if best.checkpoint is not None:
             out["checkpoint"] = best.checkpoint.path
@@ -94,7 +130,10 @@ def lines(found: dict[str, Any]) -> list[str]:
     def add(label: str, text: str) -> None:
         out.append(f"[{name}]   {label:<12} {text}")
 
-    add("wall time", f"{duration(found['wall_s'])}  ({found['device_hours']} {found['device']}-h)")
+    if "missing" in found:
+        add("facts", f"not all known ({found['missing']})")
+    hours = f"  ({found['device_hours']} {found['device']}-h)" if found["device"] else ""
+    add("wall time", f"{duration(found['wall_s'])}{hours}")
     if "trials" in found:
         add("trials", f"{found['trials']} ({found['failed_trials']} failed)")
     best = found.get("best")

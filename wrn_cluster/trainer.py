@@ -7,6 +7,7 @@ start Ray.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from wrn_cluster import tracking
@@ -37,6 +38,10 @@ def progress_printer(spec: ClassifyJob | DetectJob):
             print(line + (f"  checkpoint -> {checkpoint.path}" if checkpoint else ""), flush=True)
 
     return ProgressPrinter()
+
+
+# How long the controller waits for the retention pass after the job's last epoch.
+LAST_PASS_WAIT_S = 60.0
 
 
 def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None):
@@ -71,7 +76,7 @@ def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None
             if checkpoint is None or (self.running and not self.running.done() and not last):
                 return
             if self.running and last:
-                wait([self.running])
+                wait([self.running], timeout=LAST_PASS_WAIT_S)
             self.passes = self.passes or ThreadPoolExecutor(1, "wrn-retention")
             run_folder = checkpoint.path.rstrip("/").rpartition("/")[0]
             self.running = self.passes.submit(
@@ -83,8 +88,13 @@ def retention(spec: ClassifyJob | DetectJob, context: tracking.RunContext | None
                 protected,
                 self.known,
             )
-            if last:
-                wait([self.running])
+            if last and wait([self.running], timeout=LAST_PASS_WAIT_S).not_done:
+                warnings.warn(
+                    f"job {spec.name!r}: retiring old checkpoints took over "
+                    f"{LAST_PASS_WAIT_S:.0f}s (storage or registry slow); the job goes on and "
+                    "the next run of this job name retires what is left",
+                    stacklevel=1,
+                )
 
     return Retention()
 

@@ -96,6 +96,9 @@ def test_verbose_shows_every_line_as_it_came(tmp_path):
         ("warning: the tracking server is slow\n", True),
         ("(TrainController pid=8123) 2026/12/04 INFO mlflow.store.db.utils: Creating\n", False),
         ("[quickstarter] epoch 1/6\n", False),  # another job whose name starts alike
+        # The project's own warnings.warn, from the driver or a worker, read as warning: lines.
+        ("(RayTrainWorker pid=9) /x/wrn_cluster/tracking/sender.py:79: UserWarning: down\n", True),
+        ("/x/site-packages/mlflow/utils.py:12: FutureWarning: a library's\n", False),
         (
             "(PlacementGroupCleaner pid=3) Failed to query Ray Train Controller actor state.\n",
             False,
@@ -106,6 +109,8 @@ def test_verbose_shows_every_line_as_it_came(tmp_path):
 def test_a_line_is_the_projects_by_its_job_name_after_rays_prefix(line, ours):
     assert is_projects(line, "quickstart") is ours
     assert "\x1b" not in plain(line) and "pid=" not in plain(line)
+    if "wrn_cluster/" in line:
+        assert plain(line) == "warning: down\n"
 
 
 def test_logs_of_an_embedded_job_print_its_log_file(tmp_path, monkeypatch):
@@ -292,3 +297,21 @@ def test_evaluation_says_its_progress_and_yields_every_batch(capsys):
     quiet = InEpoch("digits", epochs=2, steps_per_epoch=10, batch=8, every_s=0)
     assert list(quiet.evaluating([1, 2], epoch=1)) == [1, 2]
     assert capsys.readouterr().out == ""
+
+
+def test_json_is_refused_for_a_cluster_job_and_an_unwritable_home_is_one_message(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    job = str(Path(__file__).parents[2] / "jobs" / "quickstart.yaml")
+    remote = CliRunner().invoke(app, ["submit", job, "--json", "--address", "http://x:8265"])
+    assert remote.exit_code == 1 and "--json is for jobs on the embedded Ray" in remote.output
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("WRN_CLUSTER_HOME", str(tmp_path / "a-file" / "home"))
+    local = CliRunner().invoke(app, ["submit", job])
+    assert local.exit_code == 1 and "Traceback" not in local.output
+    assert "cannot write the job's log file in" in local.output
+    assert "set WRN_CLUSTER_HOME to a folder you can write" in local.output

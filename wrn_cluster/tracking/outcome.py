@@ -125,7 +125,7 @@ def _versions_by_job(client) -> dict[str, list[tuple[Any, list[str]]]]:
 
 
 def _row(run, experiment_names: dict[str, str], versions: dict[str, list]) -> dict[str, Any]:
-    metrics, job = run.data.metrics, run.data.tags[JOB_TAG]
+    metrics, job = run.data.metrics, run.data.tags.get(JOB_TAG, "")
     score = next(((k, metrics[k]) for k in SCORE_KEYS if k in metrics), None)
     registered = [
         f"{v.name} v{v.version}" + "".join(f" @{alias}" for alias in held)
