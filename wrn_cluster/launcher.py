@@ -47,8 +47,6 @@ def run_local(spec: Spec, verbose: bool = False, as_json: bool = False) -> int:
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = console.log_path(home(), job_id)
     routed = console.JobConsole(spec.name, log, verbose, to="stderr" if as_json else "stdout")
-    if routed.on_terminal and "progress_every_s" not in spec.tracking.model_fields_set:
-        spec.tracking.progress_every_s = 2.0  # a bar can move every 2 s; lines every 30 s
     started = time.monotonic()
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
