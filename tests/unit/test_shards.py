@@ -213,6 +213,39 @@ def test_each_global_batch_holds_the_same_samples_on_one_or_two_ranks(packed, tm
 # Bad input: one message naming the shard and the fix
 
 
+CONCURRENT_SCRIPT = """
+import sys
+from wrn_cluster.data import shards
+dst, cache = sys.argv[1:3]
+for round in range(3):
+    train, val, _ = shards.build(dst, size=16, eval_resize=16, augment=False, seed=3,
+                                 per_worker_batch=8, cache=f"{cache}/{round}", cache_limit=None,
+                                 canonical_nodes=8)
+    print(len(val))
+"""
+
+
+def test_jobs_starting_streams_on_one_node_at_once_each_get_their_own_registration(
+    packed, tmp_path
+):
+    """Streaming finds a free shared-memory prefix and then creates it; without the node's
+    registration lock, processes doing so at once collide (FileExistsError on one of them)."""
+    root = packed[0]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SCRIPT, str(root / "dst"), str(tmp_path / str(n))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    outcomes = [p.communicate(timeout=180) for p in procs]
+    for proc, (out, err) in zip(procs, outcomes, strict=True):
+        assert proc.returncode == 0, err
+        assert out.split() == [str(packed[1]["val"])] * 3  # every sample of val, each time
+
+
 def _copy(packed, tmp_path) -> Path:
     copy = tmp_path / "dst"
     subprocess.run(["cp", "-r", str(packed[0] / "dst"), str(copy)], check=True)

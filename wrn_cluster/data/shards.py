@@ -624,6 +624,57 @@ def adopt_earlier_attempts(cache: str, manifest: dict[str, Any]) -> None:
         shutil.rmtree(earlier, ignore_errors=True)
 
 
+REGISTRATION_LOCK = "wrn-cluster-streaming-registration.lock"
+REGISTRATION_WAIT_S = 120.0
+
+
+@contextmanager
+def one_registration_at_a_time(wait_s: float = REGISTRATION_WAIT_S) -> Iterator[None]:
+    """Streaming registers a dataset in the node's shared memory by finding the first free
+    prefix and then creating it, so two jobs (or test processes) starting datasets on one node
+    at once can pick the same prefix, and one of them fails with FileExistsError. Here the
+    local leaders (local rank 0) of the jobs on a node take turns under one file lock; a job's
+    other ranks register once their leader holds it (a barrier), while no other job can.
+
+    After ``wait_s`` without the lock, a leader registers anyway with a warning, since two
+    multi-node jobs whose leaders hold each other's nodes' locks would otherwise wait for ever."""
+    import fcntl
+    import time
+
+    import torch.distributed as dist
+    from streaming.base.distributed import get_local_rank, maybe_init_dist
+
+    started = maybe_init_dist()  # as StreamingDataset does when torch.distributed is not up
+    held = None
+    try:
+        if get_local_rank() == 0:
+            lock = open(os.path.join(tempfile.gettempdir(), REGISTRATION_LOCK), "a")  # noqa: SIM115
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = lock
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        lock.close()
+                        log.warning(
+                            "another job has been registering shard streams on this node for "
+                            "%.0f s; registering without waiting longer",
+                            wait_s,
+                        )
+                        break
+                    time.sleep(0.05)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        yield
+    finally:
+        if held is not None:
+            held.close()  # releases the lock
+        if started:
+            dist.destroy_process_group()
+
+
 def build(
     url: str,
     *,
@@ -644,17 +695,18 @@ def build(
     manifest = read_manifest(url)
     if adopt:
         adopt_earlier_attempts(cache, manifest)
-    train = _stream(
-        url,
-        "train",
-        os.path.join(cache, "train"),
-        True,
-        seed,
-        per_worker_batch,
-        num_canonical_nodes=canonical_nodes,
-        cache_limit=cache_limit,
-    )
-    val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+    with one_registration_at_a_time():
+        train = _stream(
+            url,
+            "train",
+            os.path.join(cache, "train"),
+            True,
+            seed,
+            per_worker_batch,
+            num_canonical_nodes=canonical_nodes,
+            cache_limit=cache_limit,
+        )
+        val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
     image_format = manifest.get("image", FILE_BYTES)
     return (
         ShardStream(
