@@ -55,7 +55,7 @@ BAD = {
         GOOD + "flavour: vanilla\n",
         [
             "bad.yaml:13: flavour: unknown key 'flavour'; allowed keys: name, seed, model, "
-            "optimizer, schedule, precision, scaling, checkpoint, tracking, kind, data"
+            "optimizer, schedule, precision, scaling, checkpoint, tracking, ema, kind, data"
         ],
     ),
     "bad arch lists valid depths": (

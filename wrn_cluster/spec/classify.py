@@ -16,9 +16,83 @@ from wrn_cluster.spec.sections import (
     ModelSection,
     OptimizerSection,
     ScheduleSection,
+    Section,
     TrackingSection,
     absolute_if_local,
 )
+
+
+class AugmentationSection(Section):
+    """Recipe augmentations on top of the reader's view (crop and flip), each off by default as
+    in the paper. Sources: torchvision's V2 ImageNet recipe (pytorch.org, "How to train
+    state-of-the-art models using torchvision's latest primitives"), timm's train.py."""
+
+    policy: Literal["none", "trivial_augment", "rand_augment"] = Field(
+        "none",
+        description="A per-image policy after the crop: TrivialAugmentWide or RandAugment "
+        "(torchvision.transforms.v2), drawn from the image's own (seed, epoch, index) generator.",
+    )
+    random_erasing: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of torchvision's RandomErasing per image."
+    )
+    mixup: float = Field(
+        0.0, ge=0.0, description="MixUp's Beta(alpha, alpha) on the batch; 0 turns it off."
+    )
+    cutmix: float = Field(
+        0.0, ge=0.0, description="CutMix's Beta(alpha, alpha) on the batch; 0 turns it off."
+    )
+    mix_switch: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="With both mixup and cutmix on, the probability that a batch gets CutMix.",
+    )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Repeated augmentation: each chosen image appears this many times in an "
+        "epoch, each copy augmented differently, an epoch keeping its length (files reader).",
+    )
+
+    @property
+    def mixes(self) -> bool:
+        return bool(self.mixup or self.cutmix)
+
+
+class ProgressiveResizing(Section):
+    """Train at a size growing from ``start`` to ``end`` px, linearly over epochs
+    ``from_epoch``..``to_epoch`` in steps of ``multiple`` (FFCV's ResNet-50 schedule: 160 to
+    192). The batch is resized on the device, as MosaicML Composer's ProgressiveResizing does."""
+
+    start: int = Field(..., ge=8)
+    end: int = Field(..., ge=8)
+    from_epoch: int = Field(0, ge=0, description="Epoch (0-based) the size starts growing.")
+    to_epoch: int | None = Field(
+        None, ge=1, description="Epoch the size reaches ``end``; the last epoch if unset."
+    )
+    multiple: int = Field(32, ge=1, description="Sizes are rounded down to a multiple of it.")
+
+
+class EmaSection(Section):
+    """An exponential moving average of the weights (torch.optim.swa_utils.AveragedModel),
+    evaluated each epoch beside the raw weights as val_*_ema; the better one is registered."""
+
+    decay: float = Field(0.9999, gt=0.0, lt=1.0, description="Per update.")
+    every_steps: int = Field(1, ge=1, description="Update every N optimizer steps.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Until this optimizer step the average copies the weights."
+    )
+
+
+class ClassifyOptimizer(OptimizerSection):
+    loss: Literal["cross_entropy", "binary_cross_entropy"] = Field(
+        "cross_entropy",
+        description="binary_cross_entropy: one sigmoid per class against the (mixed, smoothed) "
+        "targets, summed over classes (MosaicML Composer's ResNet recipes).",
+    )
+    grad_clip_norm: float | None = Field(
+        None, gt=0.0, description="Clip the gradients' global L2 norm to this before a step."
+    )
 
 
 class ClassifyData(DataSection):
@@ -52,13 +126,31 @@ class ClassifyData(DataSection):
         description="Streaming's canonical node count: with the seed it fixes the shards' "
         "sample order; keep it for the life of a job.",
     )
+    augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
+    eval_size: int | None = Field(
+        None,
+        ge=8,
+        description="Evaluation crop apart from the training size (FixRes: train 176, "
+        "evaluate 224); the training size if unset.",
+    )
+    progressive: ProgressiveResizing | None = Field(
+        None, description="Progressive resizing of the training batch by epoch."
+    )
+    eval_flip: bool = Field(
+        False,
+        description="Test-time augmentation: evaluate the mean of an image's and its "
+        "mirror's predictions.",
+    )
 
 
 class ClassifyJob(
-    JobBase[ModelSection, ClassifyData, OptimizerSection, ScheduleSection, TrackingSection]
+    JobBase[ModelSection, ClassifyData, ClassifyOptimizer, ScheduleSection, TrackingSection]
 ):
     model: ModelSection = Field(default_factory=ModelSection)
-    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    optimizer: ClassifyOptimizer = Field(default_factory=ClassifyOptimizer)
+    ema: EmaSection | None = Field(
+        None, description="Keep an exponential moving average of the weights; off if unset."
+    )
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     kind: Literal["classify"]
@@ -100,7 +192,66 @@ class ClassifyJob(
             raise FieldError(
                 "data.synthesize", "synthetic data is written as an imagefolder; remove it"
             )
+        if self.data.augmentation.repeats > 1 and self.data.format == "shards":
+            raise FieldError(
+                "data.augmentation.repeats",
+                "repeated augmentation needs the files reader (the shards' order is "
+                "Streaming's); set it to 1, or data.format to files",
+            )
+        progressive = self.data.progressive
+        if progressive:
+            if progressive.start > progressive.end:
+                raise FieldError(
+                    "data.progressive.end",
+                    f"{progressive.end} is below start {progressive.start}; sizes only grow",
+                )
+            if progressive.end > size:
+                raise FieldError(
+                    "data.progressive.end",
+                    f"{progressive.end}px is larger than the {size}px the loader gives; set "
+                    f"data.image_size to at least {progressive.end}",
+                )
+            if progressive.start < info.total_stride:
+                raise FieldError(
+                    "data.progressive.start",
+                    f"{progressive.start}px is smaller than {self.model.arch}'s total stride; "
+                    f"use at least {info.total_stride}",
+                )
+            last = (
+                progressive.to_epoch if progressive.to_epoch is not None else self.schedule.epochs
+            )
+            if not progressive.from_epoch < last <= self.schedule.epochs:
+                raise FieldError(
+                    "data.progressive.to_epoch",
+                    f"the size grows from epoch {progressive.from_epoch} to {last}, which must "
+                    f"be later and at most schedule.epochs ({self.schedule.epochs})",
+                )
         return self
+
+    def evaluation_metrics(self) -> list[str]:
+        plain = ["val_top1", "val_top5", "val_loss"]
+        return plain + [f"{name}_ema" for name in plain] if self.ema else plain
+
+    @property
+    def eval_size(self) -> int:
+        return self.data.eval_size or self.image_size
+
+    def train_size(self, epoch: int) -> int:
+        """The training batch's size in ``epoch`` (0-based): progressive resizing's, else the
+        loader's."""
+        grow = self.data.progressive
+        if grow is None:
+            return self.image_size
+        last = grow.to_epoch if grow.to_epoch is not None else self.schedule.epochs
+        if epoch <= grow.from_epoch:
+            size = grow.start
+        elif epoch >= last:
+            size = grow.end
+        else:
+            size = grow.start + (grow.end - grow.start) * (epoch - grow.from_epoch) / (
+                last - grow.from_epoch
+            )
+        return max(grow.start, int(size) // grow.multiple * grow.multiple)
 
     @property
     def image_size(self) -> int:

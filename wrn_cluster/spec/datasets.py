@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a COCO evaluation reports (pycocotools' summary, in its order).
+COCO_AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
 MeanStd = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 IMAGENET_MEAN_STD: MeanStd = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -7,7 +7,7 @@ from urllib.parse import unquote
 
 from pydantic import Field, field_validator, model_validator
 
-from wrn_cluster.spec.datasets import COCO_LAYOUT
+from wrn_cluster.spec.datasets import COCO_AP_METRICS, COCO_LAYOUT
 from wrn_cluster.spec.names import parse_name
 from wrn_cluster.spec.sections import (
     ArchSection,
@@ -192,3 +192,6 @@ class DetectJob(JobBase[DetectModel, DetectData, DetectOptimizer, DetectSchedule
                 "optimizer.label_smoothing", "label smoothing is for classification; set it to 0"
             )
         return self
+
+    def evaluation_metrics(self) -> list[str]:
+        return list(COCO_AP_METRICS)

@@ -143,6 +143,21 @@ class ScheduleSection(Section):
     warmup_steps: int = Field(
         0, ge=0, description="Warmup in optimizer steps instead of epochs (detection recipes)."
     )
+    stop_at: dict[str, float] | None = Field(
+        None,
+        description="End the job at the first epoch whose metric reaches the value, e.g. "
+        "{val_top1: 0.785} (a *loss: at or below it); the time and device-hours to it are "
+        "recorded as time_to_<metric>_<value> and device_hours_to_<metric>_<value>.",
+    )
+
+    @field_validator("stop_at")
+    @classmethod
+    def _one_target(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) != 1:
+            raise ValueError(
+                f"give one metric and its value, e.g. {{val_top1: 0.785}}; got {len(value)}"
+            )
+        return value
 
     @field_validator("milestones")
     @classmethod
@@ -301,6 +316,12 @@ class TrackingSection(Section):
         description="Seconds between rank 0's progress lines inside an epoch (step, loss, "
         "img/s, ETA of the epoch and the job); 0 prints only the epoch lines.",
     )
+    max_device_hours: float | None = Field(
+        None,
+        gt=0.0,
+        description="Promote a version only if it reached schedule.stop_at within this many "
+        "device-hours (wall time x GPUs, or x CPU workers without GPUs).",
+    )
     enabled: bool = True
 
 
@@ -350,6 +371,20 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
                     "give the warmup in epochs or in steps, not both; set one of them to 0",
                 )
             self.schedule.warmup_steps = 0  # epochs the user wrote beat a recipe's default steps
+        if self.tracking.max_device_hours is not None and not self.schedule.stop_at:
+            raise FieldError(
+                "tracking.max_device_hours",
+                "a budget to reach a target needs the target; set schedule.stop_at, e.g. "
+                "{val_top1: 0.785}, or remove max_device_hours",
+            )
+        if self.schedule.stop_at:
+            (metric,) = self.schedule.stop_at
+            known = self.evaluation_metrics()
+            if metric not in known:
+                raise FieldError(
+                    "schedule.stop_at",
+                    f"{metric!r} is not a metric this job evaluates; use one of {', '.join(known)}",
+                )
         if self.schedule.warmup_epochs >= epochs:
             raise FieldError(
                 "schedule.warmup_epochs",
@@ -390,6 +425,10 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
                     f"needs equal shares; use a multiple of {need}, or a narrower range",
                 )
         return self
+
+    def evaluation_metrics(self) -> list[str]:
+        """The metrics each epoch's evaluation reports (what schedule.stop_at may name)."""
+        return []
 
     @property
     def uneven_shares(self) -> bool:

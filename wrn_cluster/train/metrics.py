@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wrn_cluster.spec.datasets import COCO_AP_METRICS
+
 # torchvision's Faster R-CNN losses, each summed over the epoch's images by the detection step.
 DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
@@ -22,7 +24,7 @@ DETECT_SUMS = ("loss_sum", *(f"{name}_sum" for name in DETECTION_LOSSES), "image
 
 # What an epoch of each task reports on validation, in the progress line's order.
 CLASSIFY_VAL = ("val_loss", "val_top1", "val_top5")
-COCO_AP = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COCO_AP = COCO_AP_METRICS
 
 
 class Sums:
