@@ -228,6 +228,39 @@ class ClassifyJob(
                 )
         return self
 
+    def recipe(self) -> list[str]:
+        """The recipe options this job turns on, in a user's words; empty for the paper's."""
+        data, aug, opt = self.data, self.data.augmentation, self.optimizer
+        options = []
+        if aug.policy != "none":
+            options.append(aug.policy)
+        if aug.random_erasing:
+            options.append(f"random_erasing {aug.random_erasing:g}")
+        if aug.mixup:
+            options.append(f"mixup {aug.mixup:g}")
+        if aug.cutmix:
+            options.append(f"cutmix {aug.cutmix:g}")
+        if aug.repeats > 1:
+            options.append(f"repeats {aug.repeats}")
+        if opt.label_smoothing:
+            options.append(f"label_smoothing {opt.label_smoothing:g}")
+        if opt.loss != "cross_entropy":
+            options.append(opt.loss)
+        if not opt.decay_norm_and_bias:
+            options.append("no decay on norm and bias")
+        if opt.grad_clip_norm:
+            options.append(f"grad_clip_norm {opt.grad_clip_norm:g}")
+        if self.ema:
+            options.append(f"ema {self.ema.decay:g} every {self.ema.every_steps}")
+        if data.progressive:
+            grow = data.progressive
+            options.append(f"progressive {grow.start}->{grow.end}")
+        if data.eval_size and data.eval_size != self.image_size:
+            options.append(f"train {self.image_size} / eval {data.eval_size}")
+        if data.eval_flip:
+            options.append("flip TTA")
+        return options
+
     def evaluation_metrics(self) -> list[str]:
         plain = ["val_top1", "val_top5", "val_loss"]
         return plain + [f"{name}_ema" for name in plain] if self.ema else plain

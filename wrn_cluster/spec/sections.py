@@ -150,6 +150,15 @@ class ScheduleSection(Section):
         "recorded as time_to_<metric>_<value> and device_hours_to_<metric>_<value>.",
     )
 
+    def target_keys(self) -> tuple[str, str] | None:
+        """The metric names a reached ``stop_at`` is recorded under: (seconds of job wall
+        time, device-hours), e.g. time_to_val_top1_0.785, device_hours_to_val_top1_0.785."""
+        if not self.stop_at:
+            return None
+        ((metric, value),) = self.stop_at.items()
+        target = f"{metric}_{value:g}"
+        return f"time_to_{target}", f"device_hours_to_{target}"
+
     @field_validator("stop_at")
     @classmethod
     def _one_target(cls, value: dict[str, float] | None) -> dict[str, float] | None:
