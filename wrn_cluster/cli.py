@@ -495,6 +495,67 @@ def runs_show(
     out.print(f"artifacts: {', '.join(found['artifacts'])}", markup=False)
 
 
+@runs_app.command("compare")
+def runs_compare(
+    experiment: Annotated[str, typer.Argument(help="The experiment (tracking.experiment).")],
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """An experiment's jobs side by side: recipe, epochs, best promotion metric, time and
+    device-hours to schedule.stop_at, mean images/s."""
+    from wrn_cluster import tracking
+    from wrn_cluster.tracking.outcome import compare_runs
+
+    try:
+        rows = compare_runs(tracking.tracking_uri(), experiment, limit)
+    except Exception as error:  # MLflow's errors: a server down, a refused login
+        raise fail(
+            f"cannot compare runs in {tracking.display_uri()}: {_first_line(error)}"
+        ) from None
+    if rows is None:
+        raise fail(
+            f"no experiment named {experiment!r} in {tracking.display_uri()}; `wrn-cluster "
+            "runs list` shows the recent runs and their experiments"
+        )
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    if not rows:
+        out.print(f"no runs of wrn-cluster jobs in experiment {experiment!r}")
+        return
+    table = Table(
+        "job", "run", "status", "recipe", "epochs", "best", "target", "time", "device-h", "img/s"
+    )
+    for row in rows:
+        hours = row["device_hours_to_target"]
+        table.add_row(
+            row["job"],
+            row["run_id"][:8],
+            row["status"],
+            row["recipe"] or "",
+            str(row["epochs"] or ""),
+            f"{row['metric']} {row['best']:.4g}" if row["best"] is not None else "",
+            row["target"] or "",
+            _time_to_target(row),
+            f"{hours:.3g}" if hours is not None else "",
+            f"{row['images_per_sec']:.0f}" if row["images_per_sec"] is not None else "",
+        )
+    wide = out if out.is_terminal else Console(highlight=False, width=200)
+    wide.print(table)
+
+
+def _time_to_target(row: dict) -> str:
+    """The time column: 3h 05m, 4m 12s, 9s (train.metrics.duration's words, which would import
+    torch), or "not reached" for a run that aimed at a target and stopped short of it."""
+    if row["time_to_target_s"] is None:
+        return "not reached" if row["target"] else ""
+    hours, rest = divmod(int(round(row["time_to_target_s"])), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from wrn_cluster.spec import JobBase
-from wrn_cluster.tracking.context import JOB_TAG
+from wrn_cluster.tracking.context import JOB_TAG, RECIPE_TAG
 from wrn_cluster.tracking.server import client_for, redacted
 
 
@@ -143,3 +143,55 @@ def _row(run, experiment_names: dict[str, str], versions: dict[str, list]) -> di
         "score": {"metric": score[0], "value": round(score[1], 6)} if score else None,
         "versions": registered,
     }
+
+
+def compare_runs(tracking_uri: str, experiment: str, limit: int = 20) -> list[dict] | None:
+    """The newest jobs' runs of ``experiment`` (a search's parent, never its trials), newest
+    first, side by side: recipe, epochs, best promotion metric, time and device-hours to the
+    target, mean images/s. None when there is no such experiment."""
+    client = client_for(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        max_results=max(limit * 10, 100),
+        order_by=["attributes.start_time DESC"],
+    )
+    jobs = [r for r in runs if JOB_TAG in r.data.tags and "mlflow.parentRunId" not in r.data.tags]
+    return [_comparison(client, run) for run in jobs[:limit]]
+
+
+def _comparison(client, run) -> dict[str, Any]:
+    run_id, metrics, params = run.info.run_id, run.data.metrics, run.data.params
+    metric = params.get("tracking.promotion_metric", "val_top1")
+    history = [m.value for m in client.get_metric_history(run_id, metric)]
+    best = (min if metric.endswith("loss") else max)(history) if history else None
+    speeds = [m.value for m in client.get_metric_history(run_id, "images_per_sec")]
+    reached = next(
+        (k.removeprefix("time_to_") for k in sorted(metrics) if k.startswith("time_to_")), None
+    )
+    hours = metrics.get(f"device_hours_to_{reached}")
+    return {
+        "job": run.data.tags[JOB_TAG],
+        "run_id": run_id,
+        "status": run.info.status,
+        "recipe": run.data.tags.get(RECIPE_TAG),
+        "epochs": int(metrics["epoch"]) if "epoch" in metrics else None,
+        "metric": metric,
+        "best": round(best, 6) if best is not None else None,
+        "target": _target(reached, params),
+        "time_to_target_s": round(metrics[f"time_to_{reached}"], 1) if reached else None,
+        "device_hours_to_target": round(hours, 4) if hours is not None else None,
+        "images_per_sec": round(sum(speeds) / len(speeds), 1) if speeds else None,
+    }
+
+
+def _target(reached: str | None, params: dict[str, str]) -> str | None:
+    """The target a run reached (from time_to_val_top1_0.785: "val_top1 0.785"), else the one
+    its spec aimed at (param schedule.stop_at.val_top1), else None."""
+    if reached:
+        name, _, value = reached.rpartition("_")
+        return f"{name} {float(value):g}"
+    aimed = next((k for k in sorted(params) if k.startswith("schedule.stop_at.")), None)
+    return f"{aimed.removeprefix('schedule.stop_at.')} {float(params[aimed]):g}" if aimed else None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wrn_cluster.spec import JobBase
-from wrn_cluster.tracking.context import JOB_TAG, RunContext
+from wrn_cluster.tracking.context import JOB_TAG, RECIPE_TAG, RunContext
 from wrn_cluster.tracking.server import client_for, display_uri, fluent_store, scrub
 
 if TYPE_CHECKING:
@@ -41,6 +41,9 @@ _FINAL_ERRORS = {
 MODEL_SOURCE_TAG = "wrn_cluster.model_checkpoint"
 # On a model version: the checkpoint its weights came from, which retention never deletes.
 CHECKPOINT_TAG = "checkpoint"
+# A run's metrics that say when it reached schedule.stop_at: time_to_<target> (seconds of
+# wall time) and device_hours_to_<target>.
+TARGET_PREFIXES = ("time_to_", "device_hours_to_")
 
 
 def registered_sources(tracking_uri: str, name: str) -> set[str]:
@@ -233,9 +236,11 @@ def _register(
     facts: dict[str, Any],
     run_id: str,
 ) -> str:
-    """A new version of tracking.registered_model from a logged model; the alias moves to it
-    only if its promotion metric beats the version that holds the alias now. The decision is
-    logged on the version and on run ``run_id`` (the job's run, or a search's parent run)."""
+    """A new version of tracking.registered_model from a logged model, tagged with its run's
+    recipe and time to target; the alias moves to it only if its promotion metric beats the
+    version that holds the alias now and, with tracking.max_device_hours, its run reached
+    schedule.stop_at within that budget. The decision is logged on the version and on run
+    ``run_id`` (the job's run, or a search's parent run)."""
     from mlflow.exceptions import MlflowException
 
     name = spec.tracking.registered_model
@@ -259,15 +264,19 @@ def _register(
             name, model.model_uri, run_id=model.source_run_id, model_id=model.model_id
         ).version
     )
-    source = client.get_run(model.source_run_id).data.tags.get(MODEL_SOURCE_TAG)
+    # The trained run's own record: the last report passed in may predate its target.
+    trained = client.get_run(model.source_run_id).data
+    source, recipe = trained.tags.get(MODEL_SOURCE_TAG), trained.tags.get(RECIPE_TAG)
     tags = {
         **({CHECKPOINT_TAG: source} if source else {}),
         "dataset": spec.data.dataset,
         "job_name": spec.name,
         "arch": facts.get("arch", spec.model.arch),
         **facts,
+        **({"recipe": recipe} if recipe else {}),
         # Evaluation metrics: classification's val_*, detection's COCO AP*.
         **{k: round(v, 6) for k, v in metrics.items() if k.startswith(("val_", "AP"))},
+        **{k: round(v, 6) for k, v in trained.metrics.items() if k.startswith(TARGET_PREFIXES)},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
@@ -280,15 +289,34 @@ def _register(
     old = float(holder.tags[metric]) if holder and metric in holder.tags else None
     lower_is_better = metric.endswith("loss")
     better = new is not None and (old is None or (new < old if lower_is_better else new > old))
+    missed = _missed_budget(spec, trained.metrics)
     if holder and str(holder.version) == str(version):  # registered and promoted before
         decision = f"kept {name}@{alias}: v{version} {metric}={new} holds it already"
     else:
-        if better:
+        if better and not missed:
             client.set_registered_model_alias(name, alias, version)
-        decision = (
-            f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {metric}={new} vs "
-            + (f"v{holder.version} {metric}={old}" if holder else "no current holder")
+        versus = f"{metric}={new} vs " + (
+            f"v{holder.version} {metric}={old}" if holder else "no current holder"
         )
+        if missed:
+            decision = f"kept {name}@{alias}: v{version} {missed}; {versus}"
+        else:
+            decision = f"{'promoted' if better else 'kept'} {name}@{alias}: v{version} {versus}"
     client.set_tag(run_id, "wrn_cluster.promotion", decision)
     client.set_model_version_tag(name, version, "promotion", decision)
     return version  # the job's summary says the decision, once (summary.py)
+
+
+def _missed_budget(spec: JobBase, run_metrics: dict[str, float]) -> str | None:
+    """Why a run fails tracking.max_device_hours, e.g. "did not reach val_top1 0.785 within 2
+    device-hours (reached in 2.4)"; None when there is no budget or it kept to it."""
+    budget, keys = spec.tracking.max_device_hours, spec.schedule.target_keys()
+    if budget is None or keys is None:
+        return None
+    ((target, value),) = spec.schedule.stop_at.items()
+    hours, goal = run_metrics.get(keys[1]), f"did not reach {target} {value:g}"
+    if hours is None:
+        return goal
+    if hours > budget:
+        return f"{goal} within {budget:g} device-hours (reached in {hours:.3g})"
+    return None
