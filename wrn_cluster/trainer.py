@@ -160,7 +160,9 @@ def log_final_model(
             net, names = from_checkpoint(state), state["categories"]
         else:
             net = build_model(spec.model.arch, state["num_classes"], dropout=spec.model.dropout)
-            net.load_state_dict(state["model"])
+            # The better of the raw weights and their moving average by the promotion metric.
+            average = "ema" in state and spec.ships_average(state.get("metrics") or {})
+            net.load_state_dict(state["ema"] if average else state["model"])
             names = state["class_names"]
     except (checkpoint.CheckpointError, OSError, KeyError, RuntimeError) as error:
         raise tracking.RegistrationError(
@@ -181,7 +183,7 @@ def log_final_model(
     else:
 
         def log(client, run: str):
-            return tracking.log_classifier(client, run, spec, net, names, spec.image_size)
+            return tracking.log_classifier(client, run, spec, net, names, spec.eval_size)
 
     tracking.log_trained_model(spec, context, run_id, found.path, log)
     return run_id

@@ -439,6 +439,18 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
         """The metrics each epoch's evaluation reports (what schedule.stop_at may name)."""
         return []
 
+    def ships_average(self, metrics: dict[str, float]) -> bool:
+        """Whether the weights' moving average (ema), not the raw weights, is the model a
+        job with these final ``metrics`` logs and registers: it scored better by
+        tracking.promotion_metric (its ``<metric>_ema``)."""
+        metric = self.tracking.promotion_metric
+        raw, averaged = metrics.get(metric), metrics.get(f"{metric}_ema")
+        if not isinstance(averaged, int | float):
+            return False
+        if not isinstance(raw, int | float):
+            return True
+        return averaged < raw if metric.endswith("loss") else averaged > raw
+
     @property
     def uneven_shares(self) -> bool:
         """Whether ranks may take unequal shares of a batch (the loss weighs each by its size):

@@ -80,6 +80,9 @@ def artifact_location(root: str, experiment: str) -> str:
     return Path(root, folder).as_uri()
 
 
+RECIPE_TAG = "wrn_cluster.recipe"
+
+
 def run_tags(spec: JobBase, context: RunContext) -> dict[str, str]:
     """The tags a job's run (or a search's parent run) is opened with."""
     tags = {
@@ -87,6 +90,8 @@ def run_tags(spec: JobBase, context: RunContext) -> dict[str, str]:
         "wrn_cluster.kind": spec.kind,
         "wrn_cluster.arch": spec.model.arch,
         "wrn_cluster.dataset": spec.data.dataset,
+        # The recipe options on ("paper" for none), for `wrn-cluster runs compare`.
+        RECIPE_TAG: ", ".join(getattr(spec, "recipe", list)()) or "paper",
         "wrn_cluster.version": context.version,
         "ray.job_id": context.ray_job_id,
         "ray.dashboard_url": context.dashboard_url,

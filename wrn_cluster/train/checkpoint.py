@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from wrn_cluster.data.storage import filesystem, join
+from wrn_cluster.train.ema import WeightAverage
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -108,6 +109,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None  # the spec's ema: the weights' moving average
 
     def network(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
@@ -124,6 +126,16 @@ class Resumed:
     data_order: dict[str, Any] = field(default_factory=dict)  # what fixed the order (order.py)
     resumes: list[int] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's report
+
+    @property
+    def elapsed_s(self) -> float:
+        """The job's wall time up to the checkpoint, over its earlier attempts."""
+        return float(self.metrics.get("elapsed_s", 0.0))
+
+    @property
+    def device_hours(self) -> float:
+        return float(self.metrics.get("device_hours", 0.0))
 
 
 def restore(
@@ -143,6 +155,11 @@ def restore(
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
     training.scaler.load_state_dict(state["scaler"])
+    if training.ema is not None:  # a checkpoint from before ema was on starts it afresh
+        if "ema" in state:
+            training.ema.load(state["ema"], int(state.get("ema_updates", 1)))
+        else:
+            training.ema.start_from(training.network())
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
     return Resumed(
@@ -151,6 +168,7 @@ def restore(
         data_order=dict(state.get("data_order", {})),
         resumes=[*state["resumes"], state["epoch"]],
         mlflow_run_id=state.get("mlflow_run_id"),
+        metrics=dict(state.get("metrics") or {}),
     )
 
 
@@ -203,6 +221,11 @@ def training_state(
         "resumes": resumed.resumes,
         "mlflow_run_id": resumed.mlflow_run_id,
         "metrics": metrics,
+        **(
+            {"ema": training.ema.state_dict(), "ema_updates": training.ema.updates}
+            if training.ema is not None
+            else {}
+        ),
         **extra,
     }
 

@@ -24,6 +24,7 @@ import torch
 from wrn_cluster import tracking
 from wrn_cluster.spec import ClassifyJob, DetectJob
 from wrn_cluster.train import checkpoint, classify, detect, metrics, optim, order
+from wrn_cluster.train.ema import WeightAverage
 
 # Each task module gives the loop the same pieces: SUMS, parts, step, loaders, evaluate.
 TASKS = {"classify": (ClassifyJob, classify), "detect": (DetectJob, detect)}
@@ -52,7 +53,9 @@ def train_func(config: dict[str, Any]) -> None:
     # The batches' count, not the loader's: a stream of shards pads its epoch (order.py).
     steps_per_epoch = -(-len(batches) // spec.optimizer.grad_accum_steps)
     scheduler = optim.build_scheduler(step.optimizer, spec, steps_per_epoch)
-    training = checkpoint.Training(model, step.optimizer, scheduler, step.scaler)
+    ema_section = getattr(spec, "ema", None)  # classification's; detection has none
+    ema = WeightAverage(parts.model, ema_section) if ema_section else None
+    training = checkpoint.Training(model, step.optimizer, scheduler, step.scaler, ema)
     resumed = checkpoint.restore(
         ray.train.get_checkpoint(), training, spec.model.arch, parts.num_classes, rank
     )
@@ -81,6 +84,14 @@ def train_func(config: dict[str, Any]) -> None:
     in_background = spec.checkpoint.upload == "async"
     uploading = checkpoint.UploadsInFlight()
     preemption = Preemption(spec.checkpoint.preemption_check_steps)
+    target = metrics.Target(spec.schedule.stop_at, spec.schedule.target_keys())
+    # Device-hours: wall time x GPUs (x CPU workers without GPUs), over the job's attempts.
+    devices = world * (spec.scaling.gpus_per_worker if spec.scaling.use_gpu else 1)
+
+    def elapsed_and_device_hours() -> tuple[float, float]:
+        now = time.perf_counter() - job_start
+        return resumed.elapsed_s + now, resumed.device_hours + now * devices / 3600
+
     progress = metrics.InEpoch(
         spec.name,
         spec.schedule.epochs,
@@ -130,8 +141,12 @@ def train_func(config: dict[str, Any]) -> None:
             extra=parts.extra_state,
         )
 
-    for epoch in range(resumed.epoch, spec.schedule.epochs):
+    # A job that stopped at its target resumes as finished.
+    first = spec.schedule.epochs if target.reached(resumed.metrics) else resumed.epoch
+    for epoch in range(first, spec.schedule.epochs):
         epoch_start = time.perf_counter()
+        if spec.kind == "classify":  # progressive resizing's size for this epoch
+            step.size = spec.train_size(epoch)
         # A step checkpoint's epoch continues after the micro-batches it had trained.
         skip = 0
         if epoch == resumed.epoch and resumed.samples_in_epoch:
@@ -150,6 +165,8 @@ def train_func(config: dict[str, Any]) -> None:
                 continue
             scheduler.step()
             done, lr = scheduler.last_epoch, step.optimizer.param_groups[0]["lr"]
+            if ema:
+                ema.after_step(done, training.network())
             if tracker and done % log_every == 0:
                 tracker.log_metrics({"step_train_loss": loss.item(), "step_lr": lr}, done)
             if progress.due():  # rank 0 only, every tracking.progress_every_s seconds
@@ -162,8 +179,9 @@ def train_func(config: dict[str, Any]) -> None:
                 step_due = not broadcast(uploading.busy() if rank == 0 else None)
             if (step_due or notice is not None) and i + 1 < len(batches):
                 samples = order.samples_done((i + 1) // accum, spec.data.batch_size)
-                elapsed = time.perf_counter() - job_start
+                elapsed, device_hours = elapsed_and_device_hours()
                 report = metrics.step_metrics(epoch, done, samples, loss.item(), lr, elapsed)
+                report["device_hours"] = device_hours
                 report["workers"] = world
                 saving = time.perf_counter()
                 report_with_checkpoint(report, epoch, samples, wait=notice is not None)
@@ -175,9 +193,17 @@ def train_func(config: dict[str, Any]) -> None:
             spec.kind, sums.read(world), time.perf_counter() - epoch_start
         )
         val = task.evaluate(model, progress.evaluating(val_loader, epoch), step, parts, rank, world)
-        now = time.perf_counter()
+        if ema:  # the average evaluated beside the raw weights: val_top1_ema, ...
+            averaged = task.evaluate(ema.network, val_loader, step, parts, rank, world)
+            val |= {f"{k}_ema": v for k, v in averaged.items() if k.startswith("val_")}
         lr = step.optimizer.param_groups[0]["lr"]
-        report = metrics.epoch_metrics(epoch, train, val, lr, now - epoch_start, now - job_start)
+        elapsed, device_hours = elapsed_and_device_hours()
+        epoch_time = time.perf_counter() - epoch_start
+        report = metrics.epoch_metrics(epoch, train, val, lr, epoch_time, elapsed)
+        report["device_hours"] = device_hours
+        reached = target.reached(report)
+        if reached:  # the first epoch at the target: its time and device-hours are recorded
+            report |= target.record(elapsed, device_hours)
         if tracker:
             tracker.log_metrics(report, step=epoch + 1)
         report["workers"] = world  # for the progress line; MLflow has it by optimizer step
@@ -187,10 +213,16 @@ def train_func(config: dict[str, Any]) -> None:
             report_with_checkpoint(report, epoch, wait=True)
             if rank == 0:
                 print(preemption.line(spec.name, notice, scheduler.last_epoch, saving), flush=True)
-        elif checkpoint.is_due(epoch, spec.schedule.epochs, spec.checkpoint.every_epochs):
+        elif reached or checkpoint.is_due(
+            epoch, spec.schedule.epochs, spec.checkpoint.every_epochs
+        ):
             report_with_checkpoint(report, epoch)
         else:
             ray.train.report(report)
+        if reached:
+            if rank == 0:
+                print(target.line(spec.name, epoch, elapsed, device_hours), flush=True)
+            break
     if tracker:
         tracker.close()
 

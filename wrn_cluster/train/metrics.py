@@ -204,3 +204,28 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m"
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+class Target:
+    """``schedule.stop_at``: whether an epoch's report reaches it (a loss at or below the value,
+    any other metric at or above it), and the time and device-hours recorded when one does."""
+
+    def __init__(self, stop_at: dict[str, float] | None, keys: tuple[str, str] | None) -> None:
+        ((self.metric, self.value),) = (stop_at or {None: 0.0}).items()
+        self.keys = keys
+
+    def reached(self, report: dict[str, Any]) -> bool:
+        found = report.get(self.metric) if self.metric else None
+        if not isinstance(found, int | float):
+            return False
+        return found <= self.value if self.metric.endswith("loss") else found >= self.value
+
+    def record(self, elapsed_s: float, device_hours: float) -> dict[str, float]:
+        time_key, hours_key = self.keys or ("", "")
+        return {time_key: elapsed_s, hours_key: device_hours}
+
+    def line(self, job_name: str, epoch: int, elapsed_s: float, device_hours: float) -> str:
+        return (
+            f"[{job_name}] reached {self.metric} {self.value:g} at epoch {epoch + 1} in "
+            f"{duration(elapsed_s)} ({device_hours:.3g} device-hours): stopping"
+        )
