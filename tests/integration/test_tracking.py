@@ -277,6 +277,64 @@ def test_runs_list_and_show_read_the_jobs_from_the_tracking_server(tracked):
     assert missing.exit_code == 1 and "no run or job named 'no-such-job'" in missing.output
 
 
+def test_a_job_stops_at_its_target_records_the_time_and_registers_the_better_of_raw_and_ema(
+    tracked,
+):
+    """schedule.stop_at ends the job at the first epoch that reaches it, with the time and
+    device-hours to it in the run and on the version; with ema, the weights that scored better
+    (raw or averaged) are the model logged and registered."""
+    import mlflow
+
+    name = "digits_recipe"
+    job = digits_job(
+        tracked["data"],
+        "s3://checkpoints/target-runs",
+        name="target",
+        schedule={"epochs": 8, "type": "cosine", "warmup_epochs": 0, "stop_at": {"val_top1": 0.9}},
+        ema={"decay": 0.9, "every_steps": 2},
+        tracking={"enabled": True, "experiment": "recipes", "registered_model": name},
+    )
+    spec = as_spec(job)
+    driver.prepare(spec)
+    result = driver.run(spec)
+    client = tracked["client"]
+    (run,) = client.search_runs([client.get_experiment_by_name("recipes").experiment_id])
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_top1")
+    )
+    reached = [epoch for epoch, value in history if value >= 0.9]
+    assert reached and reached[0] == history[-1][0] == result.metrics["epoch"] < 8, history
+    seconds = run.data.metrics["time_to_val_top1_0.9"]
+    hours = run.data.metrics["device_hours_to_val_top1_0.9"]
+    assert 0 < seconds <= run.data.metrics["elapsed_s"] + 1e-6
+    assert hours == pytest.approx(seconds * 2 / 3600, rel=0.05)  # 2 CPU workers
+    assert run.data.tags["wrn_cluster.recipe"].startswith("ema 0.9 every 2")
+
+    version = client.get_model_version_by_alias(name, "champion")
+    raw, averaged = run.data.metrics["val_top1"], run.data.metrics["val_top1_ema"]
+    assert version.tags["weights" if averaged > raw else "val_top1"] == (
+        "ema" if averaged > raw else str(round(raw, 6))
+    )
+    assert float(version.tags["val_top1"]) == pytest.approx(max(raw, averaged), abs=1e-6)
+    assert float(version.tags["time_to_val_top1_0.9"]) == pytest.approx(seconds, rel=1e-5)
+    # The registered network is the better of the checkpoint's two sets of weights.
+    fs = bucket()
+    newest = max(fs.glob("checkpoints/target-runs/*/checkpoint_*/state.pt"))
+    with fs.open(newest) as handle:
+        state = torch.load(handle, weights_only=True)
+    x = torch.rand(4, 3, 16, 16)
+    outputs = {}
+    for part in ("model", "ema"):
+        net = build_model(state["arch"], state["num_classes"])
+        net.load_state_dict(state[part])
+        with torch.no_grad():
+            outputs[part] = ServingClassifier(net, *IMAGENET_MEAN_STD).eval()(x).numpy()
+    logged = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(x.numpy())
+    shipped, other = ("ema", "model") if averaged > raw else ("model", "ema")
+    np.testing.assert_allclose(np.asarray(logged), outputs[shipped], atol=1e-4)
+    assert not np.allclose(outputs[shipped], outputs[other], atol=1e-4)
+
+
 def test_training_survives_a_tracking_server_outage(tracked):
     client, server = tracked["client"], tracked["server"]
     spec = tracked_job(tracked, "outage", epochs=6, lr=0.05)

@@ -278,10 +278,13 @@ def _register(
         **{k: round(v, 6) for k, v in metrics.items() if k.startswith(("val_", "AP"))},
         **{k: round(v, 6) for k, v in trained.metrics.items() if k.startswith(TARGET_PREFIXES)},
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
     alias, metric = spec.tracking.alias, spec.tracking.promotion_metric
     new = metrics.get(metric)
+    if spec.ships_average(metrics):  # the logged model is the weights' moving average
+        new = metrics[f"{metric}_ema"]
+        tags |= {"weights": "ema", metric: round(new, 6), f"{metric}_raw": tags.get(metric)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:  # no version holds the alias yet
