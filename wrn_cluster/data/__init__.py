@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from wrn_cluster.data import cifar, coco, imagefolder, shards, synthetic
 from wrn_cluster.data.base import DataError, Prepared
 from wrn_cluster.data.storage import access_errors
+from wrn_cluster.data.transforms import Policy
 from wrn_cluster.spec.datasets import DATASET_FACTS
 
 __all__ = ["DataError", "Prepared", "build_datasets", "build_detection_datasets", "prepare"]
@@ -29,8 +30,17 @@ if TYPE_CHECKING:
 
 
 def eval_resize(spec: ClassifyJob) -> int:
-    """Shorter side before the evaluation centre crop: data.eval_resize, else size / 0.875."""
-    return spec.data.eval_resize or round(spec.image_size / 0.875)
+    """Shorter side before the evaluation centre crop: data.eval_resize, else eval_size / 0.875
+    (torchvision's V2 recipe: a 224 crop of a 232 resize, so it sets data.eval_resize)."""
+    return spec.data.eval_resize or round(spec.eval_size / 0.875)
+
+
+def policy(spec: ClassifyJob) -> Policy | None:
+    """The recipe's augmentation of each training view (data.augmentation), None if none."""
+    aug = spec.data.augmentation
+    mean = spec.data.mean_std()[0]
+    erase_value = (round(255 * mean[0]), round(255 * mean[1]), round(255 * mean[2]))
+    return Policy(aug.policy, aug.random_erasing, erase_value) or None
 
 
 @contextmanager
@@ -114,7 +124,9 @@ def build_datasets(
     """(train, val, class names); items are (uint8 [3, S, S], label), label -1 for a bad image.
 
     Train datasets have ``set_epoch(epoch)``: augmentation depends on (spec.seed, epoch, index)
-    only, so it is the same for any number of DataLoader workers or DDP ranks. Packed shards
+    only, so it is the same for any number of DataLoader workers or DDP ranks; with
+    data.augmentation.repeats they also serve each item's copies (``transforms.source_index``).
+    Validation images are centre crops of ``spec.eval_size``, never augmented. Packed shards
     (``data.format: shards``) give a stream instead (``shards.ShardStream``), cached in
     ``shard_cache(spec, attempt)``.
     """
@@ -127,15 +139,27 @@ def build_datasets(
                 eval_resize=eval_resize(spec),
                 augment=spec.augment,
                 seed=spec.seed,
+                eval_size=spec.eval_size,
+                policy=policy(spec),
                 per_worker_batch=spec.worker_batch(world or spec.scaling.max_workers),
                 cache=shard_cache(spec, attempt),
                 cache_limit=data.shard_cache_limit,
                 canonical_nodes=data.canonical_nodes,
                 adopt=True,
             )
+        repeats = data.augmentation.repeats
         if data.dataset == "imagefolder":
             return imagefolder.build(
-                data.url, spec.image_size, eval_resize(spec), spec.augment, spec.seed
+                data.url,
+                spec.image_size,
+                eval_resize(spec),
+                spec.augment,
+                spec.seed,
+                eval_size=spec.eval_size,
+                policy=policy(spec),
+                repeats=repeats,
             )
-
-        return cifar.build(data.dataset, data.url, spec.augment, spec.seed)
+        # CIFAR and SVHN are evaluated on their 32x32 images as they are.
+        return cifar.build(
+            data.dataset, data.url, spec.augment, spec.seed, policy=policy(spec), repeats=repeats
+        )

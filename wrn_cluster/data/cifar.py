@@ -19,7 +19,14 @@ from torch.utils.data import Dataset
 
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
-from wrn_cluster.data.transforms import Augment, PadCropFlip, SharedEpoch, item_generator
+from wrn_cluster.data.transforms import (
+    Augment,
+    PadCropFlip,
+    Policy,
+    SharedEpoch,
+    item_generator,
+    source_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +133,24 @@ def _load_svhn(url: str) -> tuple[tuple, tuple, list[str]]:
 
 
 class ImageTensors(Dataset):
-    """In-memory uint8 [N, 3, 32, 32] images; training items drawn through ``augment``."""
+    """In-memory uint8 [N, 3, 32, 32] images; training items drawn through ``augment``, then
+    ``policy``. With ``repeats``, index ``c * N + i`` is copy c of item i (``source_index``)."""
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, augment: Augment | None, seed: int
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        augment: Augment | None,
+        seed: int,
+        policy: Policy | None = None,
+        repeats: int = 1,
     ) -> None:
         self.images = torch.from_numpy(images)
         self.labels = torch.from_numpy(labels)
         self.augment = augment
         self.seed = seed
+        self.policy = policy or None
+        self.repeats = repeats
         self.shared_epoch = SharedEpoch()
 
     def set_epoch(self, epoch: int) -> None:
@@ -148,10 +164,15 @@ class ImageTensors(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.augment is not None:
-            image = self.augment(image, item_generator(self.seed, self.epoch, index))
-        return image, int(self.labels[index])
+        source = source_index(index, len(self), self.repeats)
+        image = self.images[source]
+        if self.augment is not None or self.policy is not None:
+            generator = item_generator(self.seed, self.epoch, index)
+            if self.augment is not None:
+                image = self.augment(image, generator)
+            if self.policy is not None:
+                image = self.policy(image, generator)
+        return image, int(self.labels[source])
 
 
 def load(dataset: str, url: str) -> tuple[tuple, tuple, list[str]]:
@@ -161,12 +182,21 @@ def load(dataset: str, url: str) -> tuple[tuple, tuple, list[str]]:
 
 
 def build(
-    dataset: str, url: str, augment: bool, seed: int
+    dataset: str,
+    url: str,
+    augment: bool,
+    seed: int,
+    *,
+    policy: Policy | None = None,
+    repeats: int = 1,
 ) -> tuple[ImageTensors, ImageTensors, list[str]]:
+    """(train, val, class names); validation images are the release's 32x32 pixels as they are
+    (there is no evaluation crop to choose for them)."""
     loaded: Any = load(dataset, url)
     (train_images, train_labels), (val_images, val_labels), classes = loaded
+    view = PadCropFlip(4) if augment else None
     return (
-        ImageTensors(train_images, train_labels, PadCropFlip(4) if augment else None, seed),
+        ImageTensors(train_images, train_labels, view, seed, policy, repeats),
         ImageTensors(val_images, val_labels, None, seed),
         classes,
     )

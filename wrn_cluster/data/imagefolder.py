@@ -17,7 +17,13 @@ from torch.utils.data import Dataset
 
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import PerProcessFilesystem, filesystem, join
-from wrn_cluster.data.transforms import RandomResizedCropFlip, SharedEpoch, training_image
+from wrn_cluster.data.transforms import (
+    Policy,
+    RandomResizedCropFlip,
+    SharedEpoch,
+    source_index,
+    training_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +132,8 @@ def is_missing_or_empty(url: str) -> bool:
 
 
 class ImageFolder(Dataset):
-    """(uint8 [3, size, size], label) items; an unreadable image gives (zeros, -1)."""
+    """(uint8 [3, size, size], label) items; an unreadable image gives (zeros, -1). A training
+    split with ``repeats`` also serves index ``c * len + i``: copy c of item i (source_index)."""
 
     def __init__(
         self,
@@ -137,6 +144,8 @@ class ImageFolder(Dataset):
         eval_resize: int,
         augment: bool,
         seed: int,
+        policy: Policy | None = None,
+        repeats: int = 1,
     ) -> None:
         self.url = url
         self.split = split
@@ -145,6 +154,8 @@ class ImageFolder(Dataset):
         self.eval_resize = eval_resize
         self.augment = RandomResizedCropFlip(size) if augment else None
         self.seed = seed
+        self.policy = policy or None
+        self.repeats = repeats
         self.shared_epoch = SharedEpoch()
         self.files = PerProcessFilesystem(url)
         root = filesystem(url)[1]
@@ -165,25 +176,42 @@ class ImageFolder(Dataset):
         return self.files.get()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = join(self.split_root, os.fsdecode(self.index.paths[index]))
+        source = source_index(index, len(self), self.repeats)
+        path = join(self.split_root, os.fsdecode(self.index.paths[source]))
         image = None
         try:
             data = self.fs.cat_file(path)
             item = (self.seed, self.epoch, index)
-            image = training_image(data, self.augment, item, self.eval_resize, self.size)
+            image = training_image(
+                data, self.augment, item, self.eval_resize, self.size, self.policy
+            )
         except Exception as error:  # a bad file must not stop a long run; the loop counts it
             log.warning("skipping unreadable image %s: %s", path, error)
         if image is None:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-        return image, int(self.index.labels[index])
+        return image, int(self.index.labels[source])
 
 
 def build(
-    url: str, size: int, eval_resize: int, augment: bool, seed: int
+    url: str,
+    size: int,
+    eval_resize: int,
+    augment: bool,
+    seed: int,
+    *,
+    eval_size: int | None = None,
+    policy: Policy | None = None,
+    repeats: int = 1,
 ) -> tuple[ImageFolder, ImageFolder, list[str]]:
+    """(train, val, class names): training views of ``size`` (then ``policy``, in ``repeats``
+    copies), validation centre crops of ``eval_size`` (``size`` if None) after a resize of the
+    shorter side to ``eval_resize``."""
     classes, train, val = scan(url)
+    eval_size = eval_size or size
+    # Training without augmentation takes the evaluation view at its own size, same proportions.
+    train_resize = round(eval_resize * size / eval_size)
     return (
-        ImageFolder(url, "train", train, size, eval_resize, augment, seed),
-        ImageFolder(url, "val", val, size, eval_resize, False, seed),
+        ImageFolder(url, "train", train, size, train_resize, augment, seed, policy, repeats),
+        ImageFolder(url, "val", val, eval_size, eval_resize, False, seed),
         classes,
     )

@@ -50,6 +50,7 @@ from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
 from wrn_cluster.data.transforms import (
     PadCropFlip,
+    Policy,
     RandomResizedCropFlip,
     SharedEpoch,
     item_generator,
@@ -484,7 +485,8 @@ def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: i
 class ShardTransform:
     """Decode and (for training) augment a record as the files reader of its kind does its
     images: an ImageFolder's file bytes as ``imagefolder``, CIFAR's and SVHN's pixels as
-    ``cifar`` (the paper's pad-crop-flip), each from the generator of (seed, epoch, index)."""
+    ``cifar`` (the paper's pad-crop-flip), each from the generator of (seed, epoch, index), then
+    a recipe's ``policy`` from the same generator."""
 
     def __init__(
         self,
@@ -494,11 +496,13 @@ class ShardTransform:
         augment: bool,
         seed: int,
         image_format: dict[str, Any] = FILE_BYTES,
+        policy: Policy | None = None,
     ) -> None:
         self.url = url
         self.size = size
         self.eval_resize = eval_resize
         self.seed = seed
+        self.policy = policy or None
         self.shape = tuple(image_format["shape"]) if image_format["encoding"] == "raw" else None
         self.augment: Any = None
         if augment:
@@ -509,11 +513,16 @@ class ShardTransform:
         if self.shape is not None:  # uint8 pixels, as CIFAR and SVHN hold them
             image = torch.frombuffer(bytearray(record["image"]), dtype=torch.uint8)
             image = image.reshape(self.shape)
-            if self.augment is not None:
-                image = self.augment(image, item_generator(self.seed, epoch, index))
+            if self.augment is not None or self.policy is not None:
+                generator = item_generator(self.seed, epoch, index)
+                if self.augment is not None:
+                    image = self.augment(image, generator)
+                if self.policy is not None:
+                    image = self.policy(image, generator)
             return image, int(record["label"])
+        item = (self.seed, epoch, index)
         image = training_image(
-            record["image"], self.augment, (self.seed, epoch, index), self.eval_resize, self.size
+            record["image"], self.augment, item, self.eval_resize, self.size, self.policy
         )
         if image is None:
             log.warning("skipping undecodable sample %d of %s", index, self.url)
@@ -687,11 +696,15 @@ def build(
     cache_limit: str | None,
     canonical_nodes: int,
     adopt: bool = False,
+    eval_size: int | None = None,
+    policy: Policy | None = None,
 ) -> tuple[ShardStream, ShardSplit, list[str]]:
     """(train stream, val split, class names) of the packed dataset at ``url``, with the
     shards cached under ``cache`` (this node's, one folder per split). With ``adopt``,
     ``cache`` is one attempt's folder of a job's (``data.shard_cache``), and the shards of its
-    sibling folders, the job's earlier attempts, move in first."""
+    sibling folders, the job's earlier attempts, move in first. Training views are ``size``,
+    then ``policy``; validation takes a centre ``eval_size`` (``size`` if None) after a resize to
+    ``eval_resize``, as ``imagefolder.build`` (CIFAR's and SVHN's pixels stay as they are)."""
     manifest = read_manifest(url)
     if adopt:
         adopt_earlier_attempts(cache, manifest)
@@ -708,13 +721,17 @@ def build(
         )
         val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
     image_format = manifest.get("image", FILE_BYTES)
+    eval_size = eval_size or size
+    train_resize = round(eval_resize * size / eval_size)  # as imagefolder.build
     return (
         ShardStream(
             url,
             train,
-            ShardTransform(url, size, eval_resize, augment, seed, image_format),
+            ShardTransform(url, size, train_resize, augment, seed, image_format, policy),
             canonical_nodes,
         ),
-        ShardSplit(url, val, ShardTransform(url, size, eval_resize, False, seed, image_format)),
+        ShardSplit(
+            url, val, ShardTransform(url, eval_size, eval_resize, False, seed, image_format)
+        ),
         list(manifest["classes"]),
     )

@@ -2,7 +2,9 @@
 
 Training items are augmented from ``item_generator(seed, epoch, index)``, so an item looks the
 same whatever the DataLoader worker count, the worker it lands on, or the number of DDP ranks.
-Normalization is left to the training step, which does it on the device.
+A recipe's ``Policy`` (TrivialAugment or RandAugment, random erasing) runs after the reader's
+view, seeded from that same generator. Normalization is left to the training step, which does it
+on the device.
 
 JPEGs decode through libjpeg-turbo (simplejpeg), at 1/2, 1/4 or 1/8 scale wherever the view still
 gets twice the pixels it needs; other formats, and JPEGs libjpeg-turbo refuses, through PIL.
@@ -14,11 +16,13 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 # An augmentation: (image, generator) -> image; classes, not closures, so datasets pickle.
@@ -35,6 +39,17 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
     return generator
+
+
+def source_index(index: int, size: int, repeats: int = 1) -> int:
+    """The item that training index ``index`` of a split of ``size`` reads. Repeated
+    augmentation (train/order.py) asks for copy c of item i as index ``c * size + i``: it reads
+    item i and draws its augmentation from the generator of ``c * size + i``, so copies differ."""
+    if index < size:
+        return index
+    if index >= repeats * size:
+        raise IndexError(f"index {index} is past {repeats} copies of {size} items")
+    return index % size
 
 
 class SharedEpoch:
@@ -133,6 +148,48 @@ class PadCropFlip:
         return random_flip(padded[:, top : top + height, left : left + width], generator)
 
 
+POLICIES = {"trivial_augment": v2.TrivialAugmentWide, "rand_augment": v2.RandAugment}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A recipe's augmentation of a training view (uint8 [3, H, W]): ``name``'s policy
+    (TrivialAugmentWide or RandAugment), then RandomErasing with probability
+    ``random_erasing``, filling with ``erase_value``, all torchvision.transforms.v2's.
+
+    They draw from torch's global RNG, so each image runs them in a fork of it, seeded from the
+    image's own generator: the result is a function of (seed, epoch, index) and the loader
+    process's global stream is left as it was."""
+
+    name: str = "none"  # "none", or a key of POLICIES
+    random_erasing: float = 0.0
+    # torchvision's recipe erases to 0 after normalization, i.e. to the mean pixel.
+    erase_value: tuple[int, int, int] = (0, 0, 0)
+
+    def __bool__(self) -> bool:
+        return self.name != "none" or self.random_erasing > 0
+
+    @cached_property
+    def transform(self) -> v2.Transform:
+        steps: list[v2.Transform] = []
+        if self.name != "none":
+            # As torchvision's references/classification (--interpolation bilinear) build it.
+            steps.append(POLICIES[self.name](interpolation=v2.InterpolationMode.BILINEAR))
+        if self.random_erasing:
+            steps.append(v2.RandomErasing(p=self.random_erasing, value=list(self.erase_value)))
+        return v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self:
+            return image
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            # Not torch.manual_seed: it would reseed the CUDA generators too, which fork_rng
+            # does not restore, and a loader without worker processes runs in the training one.
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image)
+
+
 def resize_center_crop(image: torch.Tensor, resize: int, size: int) -> torch.Tensor:
     """Evaluation view: shorter side to ``resize``, then the centre ``size`` x ``size``."""
     image = F.resize(image, [resize], antialias=True)
@@ -212,13 +269,18 @@ def training_image(
     item: tuple[int, int, int],
     eval_resize: int,
     size: int,
+    policy: Policy | None = None,
 ) -> torch.Tensor | None:
     """An encoded image as a model input of ``size``: augmented from the generator of ``item``
-    (seed, epoch, index), or resized and centre-cropped for evaluation; None if it does not
-    decode (the caller counts it)."""
+    (seed, epoch, index), or resized and centre-cropped for evaluation, then ``policy``'s
+    augmentation (from the same generator) if any; None if it does not decode (the caller
+    counts it)."""
     try:
-        if augment is not None:
-            return augment.decoded(data, item_generator(*item))
-        return resize_center_crop(decode(data, eval_resize), eval_resize, size)
+        if augment is None:
+            image = resize_center_crop(decode(data, eval_resize), eval_resize, size)
+            return policy(image, item_generator(*item)) if policy else image
+        generator = item_generator(*item)
+        image = augment.decoded(data, generator)
+        return policy(image, generator) if policy else image
     except Exception:  # a bad file must not stop a long run: PIL and libjpeg raise many kinds
         return None

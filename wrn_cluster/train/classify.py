@@ -91,7 +91,12 @@ def loaders(
         train_loader = DataLoader(train_set, batch_size=share, **options)
     else:
         epoch_batches = EpochBatches(
-            len(train_set), spec.global_micro_batch(), rank, world, spec.seed
+            len(train_set),
+            spec.global_micro_batch(),
+            rank,
+            world,
+            spec.seed,
+            repeats=spec.data.augmentation.repeats,  # copies of an item: see EpochBatches
         )
         batches = ResumableBatches(epoch_batches, order.sample_record(spec.name, rank, world))
         train_loader = DataLoader(train_set, batch_sampler=batches, **options)

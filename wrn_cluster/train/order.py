@@ -1,7 +1,8 @@
 """The order in which an epoch's samples reach the steps, and how a resumed run skips the part of
 an epoch that a step checkpoint says was already trained.
 
-The order of an epoch is torch's ``DistributedSampler`` permutation for (seed, epoch). Rank r of
+The order of an epoch is torch's ``DistributedSampler`` permutation for (seed, epoch), or with
+repeated augmentation its first N / r samples, each r times in a row (``EpochBatches``). Rank r of
 w takes every w-th index of it, so micro-batch j of every rank together holds positions
 ``[j * w * b, (j + 1) * w * b)`` of the permutation (b samples per rank), and optimizer step i
 holds positions ``[i * B, (i + 1) * B)`` for the global batch B, whatever the number of workers.
@@ -122,12 +123,19 @@ class EpochBatches:
     The last micro-batch of an epoch is padded from the epoch's start as ``DistributedSampler``
     pads it when the shares are equal, and otherwise only as far as one sample for every rank;
     nothing is padded when the global micro-batch divides the data set.
+
+    With ``repeats`` r > 1 (repeated augmentation, Hoffer et al. 2019, "Augment your batch") the
+    epoch keeps its N samples: the first ceil(N / r) of the permutation, each r times in a row,
+    cut at N. Copy c of item i is index ``c * N + i``, which the dataset reads as item i but
+    augments from its own generator (``data.transforms.source_index``).
     """
 
-    def __init__(self, size: int, global_micro: int, rank: int, world: int, seed: int) -> None:
+    def __init__(
+        self, size: int, global_micro: int, rank: int, world: int, seed: int, repeats: int = 1
+    ) -> None:
         if global_micro < world:
             raise ValueError(f"a micro-batch of {global_micro} cannot feed {world} ranks")
-        self.size, self.micro, self.seed = size, global_micro, seed
+        self.size, self.micro, self.seed, self.repeats = size, global_micro, seed, repeats
         self.rank, self.world = rank, world
         self.epoch = 0
         self.full = (len(self) - 1) * global_micro  # positions before the last micro-batch
@@ -147,6 +155,14 @@ class EpochBatches:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         indices = torch.randperm(self.size, generator=generator).tolist()
+        if self.repeats > 1:
+            # Adjacent copies share a global batch on any rank count (Hoffer et al.; on one rank
+            # they share its batch). Dealt to ranks like any positions, several ranks get one
+            # copy each, as with torchvision's RASampler, which repeats and deals the same way
+            # but cuts the epoch to floor(N / 256) * 256 samples, split by the rank count.
+            chosen = indices[: -(-self.size // self.repeats)]
+            r = range(self.repeats)
+            indices = [copy * self.size + i for i in chosen for copy in r][: self.size]
         while len(indices) < self.total:
             indices += indices[: self.total - len(indices)]
         return indices
@@ -233,6 +249,9 @@ def attempt_token(world: int) -> str:
 def order_facts(spec: Any, world: int) -> dict[str, Any]:
     """Besides the seed, what an epoch's order depends on, as a step checkpoint records it."""
     facts: dict[str, Any] = {"reader": getattr(spec.data, "format", "files"), "workers": world}
+    augmentation = getattr(spec.data, "augmentation", None)
+    if augmentation is not None:
+        facts["repeats"] = augmentation.repeats
     if facts["reader"] == "shards":
         facts["canonical_nodes"] = spec.data.canonical_nodes
     if getattr(spec.data, "group_aspect_ratio", False):
@@ -240,7 +259,12 @@ def order_facts(spec: Any, world: int) -> dict[str, Any]:
     return facts
 
 
-ORDER_FIELDS = {"seed": "seed", "reader": "data.format", "canonical_nodes": "data.canonical_nodes"}
+ORDER_FIELDS = {
+    "seed": "seed",
+    "reader": "data.format",
+    "canonical_nodes": "data.canonical_nodes",
+    "repeats": "data.augmentation.repeats",
+}
 
 
 def check_resume_order(recorded: dict[str, Any], spec: Any, world: int) -> None:
