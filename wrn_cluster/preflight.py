@@ -313,6 +313,8 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
         steps = math.ceil(micro_batches / opt.grad_accum_steps)  # the same on any worker count
         about = "about " if isinstance(spec, DetectJob) else ""  # batches group by aspect ratio
         rows.append(("steps per epoch", f"{about}{steps} ({train_images} training images)"))
+    if isinstance(spec, ClassifyJob):
+        rows += [("recipe", line) for line in recipe_plan(spec)]
     if isinstance(spec, TuneJob):
         rows.append(("search", "each trial runs this plan with its own searched values"))
     epochs_part = f"every {'epoch' if every == 1 else f'{every} epochs'} and the last"
@@ -346,6 +348,72 @@ def plan(spec: Spec, address: str | None, train_images: int | None) -> list[tupl
     else:
         rows.append(("tracking", "off"))
     return rows
+
+
+def recipe_plan(spec: ClassifyJob) -> list[str]:
+    """Each recipe option on, with what it costs a step where that follows from the spec."""
+    data, aug, lines = spec.data, spec.data.augmentation, []
+    size = spec.image_size
+    if aug.policy != "none" or aug.random_erasing:
+        chosen = [aug.policy] if aug.policy != "none" else []
+        chosen += [f"random erasing p={aug.random_erasing:g}"] if aug.random_erasing else []
+        lines.append(
+            f"{' + '.join(chosen)} per image, in the loader processes (their CPU time: "
+            "`wrn-cluster bench input`)"
+        )
+    if aug.mixes:
+        both = aug.mixup and aug.cutmix
+        which = " or ".join(
+            [f"mixup alpha {aug.mixup:g}"] * bool(aug.mixup)
+            + [f"cutmix alpha {aug.cutmix:g}"] * bool(aug.cutmix)
+        )
+        switch = f" (cutmix for {aug.mix_switch:.0%} of batches)" if both else ""
+        lines.append(f"{which}{switch}: one blend of each batch on the device, soft labels")
+    if aug.repeats > 1:
+        lines.append(
+            f"repeated augmentation x{aug.repeats}: an epoch shows 1/{aug.repeats} of the "
+            f"images, {aug.repeats} views each, in one global batch (over the ranks)"
+        )
+    opt = spec.optimizer
+    if opt.label_smoothing or opt.loss != "cross_entropy":
+        lines.append(f"loss {opt.loss}, label smoothing {opt.label_smoothing:g}")
+    if opt.grad_clip_norm:
+        lines.append(f"gradients clipped to norm {opt.grad_clip_norm:g}: one norm per step")
+    if spec.ema:
+        with torch.device("meta"):  # counts parameters without allocating them
+            from wrn_cluster.models import build_model
+
+            net = build_model(spec.model.arch, spec.model.num_classes or 1000)
+        numbers = sum(t.numel() for t in [*net.parameters(), *net.buffers()])
+        ema = spec.ema
+        lines.append(
+            f"ema decay {ema.decay:g} every {ema.every_steps} steps: {numbers / 1e6:.1f} M "
+            f"numbers averaged, {12 * numbers / ema.every_steps / 1e6:.0f} MB of memory traffic "
+            "a step on average (fp32); a second evaluation each epoch (val_*_ema)"
+        )
+    if data.progressive:
+        grow = data.progressive
+        lines.append(
+            f"progressive resizing {grow.start}->{grow.end} px (epochs {grow.from_epoch}-"
+            f"{grow.to_epoch if grow.to_epoch is not None else spec.schedule.epochs}): a step at "
+            f"{grow.start} px costs about {(grow.start / size) ** 2:.2f}x one at the loader's "
+            f"{size} px"
+        )
+    if spec.eval_size != size:
+        lines.append(
+            f"evaluated at {spec.eval_size} px after a {data.eval_resize or '(default)'} resize, "
+            f"trained at {size}: an evaluation image costs {(spec.eval_size / size) ** 2:.2f}x"
+        )
+    if data.eval_flip:
+        lines.append("flip test-time augmentation: two forward passes per evaluation image")
+    if spec.schedule.stop_at:
+        ((metric, value),) = spec.schedule.stop_at.items()
+        budget = spec.tracking.max_device_hours
+        lines.append(
+            f"stops at {metric} {value:g}, recording the time and device-hours to it"
+            + (f"; promoted only within {budget:g} device-hours" if budget else "")
+        )
+    return lines
 
 
 def precision_plan(spec: Spec) -> str:

@@ -325,6 +325,10 @@ schedule: {epochs: 10, type: cosine}
             "data.augmentation.policy",
         ),
         ("ema: {decay: 1.5}", "ema.decay"),
+        (
+            "data: {dataset: cifar10, url: /data, batch_size: 8, eval_size: 40}",
+            "data.eval_size: cifar10 images are 32x32 and evaluated as they are; got 40",
+        ),
     ],
 )
 def test_a_bad_recipe_option_is_one_message_naming_the_field(extra, expected):

@@ -192,6 +192,12 @@ class ClassifyJob(
             raise FieldError(
                 "data.synthesize", "synthetic data is written as an imagefolder; remove it"
             )
+        if fixed and self.data.eval_size not in (None, fixed):
+            raise FieldError(
+                "data.eval_size",
+                f"{self.data.dataset} images are {fixed}x{fixed} and evaluated as they are; "
+                f"got {self.data.eval_size}, set it to {fixed} or leave it out",
+            )
         if self.data.augmentation.repeats > 1 and self.data.format == "shards":
             raise FieldError(
                 "data.augmentation.repeats",

@@ -127,6 +127,38 @@ def normalization(
     return (1.0 / (255.0 * std)).to(device), (-mean / std).to(device)
 
 
+def mixing(spec: ClassifyJob, num_classes: int) -> Callable | None:
+    """torchvision's MixUp and/or CutMix on a normalized batch and its labels (soft labels
+    out), one of the two per batch with CutMix's probability ``mix_switch``; None if off."""
+    from torchvision.transforms import v2
+
+    aug = spec.data.augmentation
+    chosen, weights = [], []
+    if aug.mixup:
+        chosen.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
+        weights.append(1.0 - aug.mix_switch if aug.cutmix else 1.0)
+    if aug.cutmix:
+        chosen.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
+        weights.append(aug.mix_switch if aug.mixup else 1.0)
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen, p=weights)
+
+
+def sample_losses(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str, label_smoothing: float
+) -> torch.Tensor:
+    """Each sample's loss against ``targets``: class indices, or (mixed) class probabilities."""
+    if loss == "binary_cross_entropy":
+        if targets.dim() == 1:
+            targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        if label_smoothing:
+            targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[1]
+        per_class = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        return per_class.sum(1)  # summed over classes: a sample's loss on CE's scale
+    return F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+
+
 @dataclass
 class TrainStep:
     model: nn.Module  # the module gradients flow through: DDP-wrapped when there are workers
@@ -140,6 +172,11 @@ class TrainStep:
     shift: torch.Tensor
     label_smoothing: float = 0.0
     accum_steps: int = 1
+    loss: str = "cross_entropy"
+    mix: Callable | None = None  # MixUp/CutMix (see ``mixing``)
+    grad_clip_norm: float | None = None
+    size: int | None = None  # progressive resizing: this epoch's size, set by the loop
+    eval_flip: bool = False  # evaluation's flip test-time augmentation
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_input(images, self.device, self.scale, self.shift)
@@ -160,22 +197,28 @@ class TrainStep:
         labels = labels.to(self.device, non_blocking=True)
         valid = labels >= 0
         counted = valid.sum()
+        inputs = self.to_input(images)
+        if self.size and inputs.shape[-1] != self.size:  # progressive resizing, on the device
+            inputs = F.interpolate(
+                inputs, size=(self.size, self.size), mode="bilinear", antialias=True
+            )
+        targets = labels.clamp(min=0)  # an unreadable image's -1: counted out below
+        if self.mix is not None:
+            inputs, targets = self.mix(inputs, targets)
         # Under DDP, gradients are all-reduced once per optimizer step, not per micro-batch.
         no_sync = getattr(self.model, "no_sync", None) if not last_micro else None
         with no_sync() if no_sync else contextlib.nullcontext():
             with precision.autocast(self.dtype, self.device):
-                logits = self.forward(self.to_input(images)).float()
-            loss_sum = F.cross_entropy(
-                logits,
-                labels,
-                ignore_index=-1,
-                reduction="sum",
-                label_smoothing=self.label_smoothing,
-            )
+                logits = self.forward(inputs).float()
+            losses = sample_losses(logits, targets, self.loss, self.label_smoothing)
+            loss_sum = (losses * valid).sum()
             # The mean over readable images; a batch with none gives 0 (no update), not NaN.
             loss = loss_sum / counted.clamp(min=1)
             self.scaler.scale(loss * weight / self.accum_steps).backward()
         if last_micro:
+            if self.grad_clip_norm:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             # A fused optimizer checks fp16 overflow on the device: no sync in scaler.step.
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -185,8 +228,13 @@ class TrainStep:
         return loss.detach(), stats.double()
 
 
-def step(spec: ClassifyJob, model: nn.Module, device: torch.device) -> TrainStep:
-    """The step for ``model`` (on ``device`` in the spec's layout, DDP-wrapped or not)."""
+def step(
+    spec: ClassifyJob, model: nn.Module, device: torch.device, num_classes: int | None = None
+) -> TrainStep:
+    """The step for ``model`` (on ``device`` in the spec's layout, DDP-wrapped or not);
+    ``num_classes`` for MixUp/CutMix's soft labels (the model's output size if not given)."""
+    if num_classes is None:
+        num_classes = getattr(model, "module", model).fc.out_features
     dtype = precision.resolve(spec.precision.dtype, device)
     scale, shift = normalization(spec.data.mean_std(), device)
     if device.type == "cuda":  # fixed input shapes: let cuDNN time its kernels once and pick
@@ -204,22 +252,36 @@ def step(spec: ClassifyJob, model: nn.Module, device: torch.device) -> TrainStep
         shift=shift,
         label_smoothing=spec.optimizer.label_smoothing,
         accum_steps=spec.optimizer.grad_accum_steps,
+        loss=spec.optimizer.loss,
+        mix=mixing(spec, num_classes),
+        grad_clip_norm=spec.optimizer.grad_clip_norm,
+        eval_flip=spec.data.eval_flip,
     )
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, step: TrainStep, parts: Parts, rank: int, world: int
+    model: nn.Module,
+    loader: DataLoader,
+    step: TrainStep,
+    parts: Parts,
+    rank: int,
+    world: int,
 ) -> dict[str, float]:
-    """val_loss, val_top1, val_top5 over every rank's slice, and the images skipped."""
+    """val_loss, val_top1, val_top5 over every rank's slice, and the images skipped. With the
+    step's ``eval_flip`` (test-time augmentation), an image's logits are the mean of its own
+    and its mirror image's."""
     net = getattr(model, "module", model)
     net.eval()
     totals = torch.zeros(5, device=step.device, dtype=torch.float64)
     for images, labels in loader:
         labels = labels.to(step.device, non_blocking=True)
         valid = labels >= 0
+        inputs = step.to_input(images)
         with precision.autocast(step.dtype, step.device):
-            logits = net(step.to_input(images)).float()
+            logits = net(inputs).float()
+            if step.eval_flip:
+                logits = (logits + net(inputs.flip(-1)).float()) / 2
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = (top == labels[:, None]) & valid[:, None]
         totals += torch.stack(
