@@ -634,6 +634,30 @@ def bench_train_step(
     _report(comparison, json_path)
 
 
+@bench_app.command("recipe-step")
+def bench_recipe_step(
+    model: Annotated[str, typer.Option(help="Network, e.g. wrn-16-4, wrn-50-2.")] = "wrn-16-4",
+    image_size: Annotated[int, typer.Option(min=8, help="The loader's image side.")] = 32,
+    batch: Annotated[int, typer.Option(min=1)] = 64,
+    rounds: RoundsOption = 5,
+    steps: Annotated[int, typer.Option(min=1, help="Steps per variant per round.")] = 32,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Images/s of a train step with each recipe option on vs the plain step (CPU), and each
+    per-image option's cost in a loader process."""
+    from wrn_cluster.bench import recipe_step
+    from wrn_cluster.models import UnknownModelError
+
+    try:
+        comparison = recipe_step.run(
+            model, image_size, batch, rounds, steps, rounds, threads, say=_progress
+        )
+    except (ValueError, UnknownModelError) as error:
+        raise fail(str(error)) from None
+    _report(comparison, json_path)
+
+
 @bench_app.command("input")
 def bench_input(
     images: Annotated[int, typer.Option(min=8, help="Photo JPEGs to write and read.")] = 256,
