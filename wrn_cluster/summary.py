@@ -16,7 +16,7 @@ Spec = ClassifyJob | DetectJob | TuneJob
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # The scores a summary names, by kind; the rest stay in MLflow.
 SCORES = {
-    "classify": ("val_top1", "val_top5", "val_loss", "train_loss"),
+    "classify": ("val_top1", "val_top5", "val_loss", "val_top1_ema", "train_loss"),
     "detect": ("AP", "AP50", "AP75", "train_loss"),
 }
 
@@ -85,6 +85,13 @@ def _run_facts(spec: ClassifyJob | DetectJob, result: Any, metric: str, lower: b
         }
         if "images_per_sec" in epochs:
             out["images_per_sec"] = round(float(epochs["images_per_sec"].mean()), 1)
+    keys = spec.schedule.target_keys()
+    if keys:  # schedule.stop_at: reached (when, at what cost) or not
+        ((target, value),) = spec.schedule.stop_at.items()
+        out["target"] = {"metric": target, "value": value, "reached": keys[0] in final}
+        if keys[0] in final:
+            out["target"] |= {"seconds": round(final[keys[0]], 1)}
+            out["target"] |= {"device_hours": round(final[keys[1]], 4)}
     if result.checkpoint is not None:
         out["checkpoint"] = result.checkpoint.path
     return out
@@ -141,6 +148,16 @@ def lines(found: dict[str, Any]) -> list[str]:
         where = f"trial {best['trial']}, " if best.get("trial") else ""
         score = _score(best["metric"], best["value"])
         add("best", f"{best['metric']} {score} ({where}epoch {best['epoch']})")
+    target = found.get("target")
+    if target:
+        aim = f"{target['metric']} {target['value']:g}"
+        add(
+            "target",
+            f"{aim} reached in {duration(target['seconds'])} "
+            f"({target['device_hours']:.3g} device-hours)"
+            if target["reached"]
+            else f"{aim} not reached in {found['epochs']} epochs",
+        )
     if found.get("final"):
         scores = "  ".join(f"{k} {_score(k, v)}" for k, v in found["final"].items())
         add("final", f"epoch {found['epochs']}: {scores}")

@@ -173,6 +173,15 @@ def test_the_summary_says_each_fact_once_and_the_next_commands():
     assert "mlflow ui --backend-store-uri sqlite:////tmp/.wrn-cluster/mlflow.db" in text
 
 
+def test_the_summary_says_whether_and_when_the_target_was_reached():
+    reached = {**FACTS, "target": {"metric": "val_top1", "value": 0.95, "reached": True}}
+    reached["target"] |= {"seconds": 3725.0, "device_hours": 2.0697}
+    text = "\n".join(summary.lines(reached))
+    assert "target       val_top1 0.95 reached in 1h 02m (2.07 device-hours)" in text
+    missed = {**FACTS, "target": {"metric": "val_top1", "value": 0.995, "reached": False}}
+    assert "target       val_top1 0.995 not reached in 6 epochs" in "\n".join(summary.lines(missed))
+
+
 def test_a_servers_run_is_named_by_its_url_and_no_ui_command_is_suggested():
     served = {**FACTS, "mlflow": {**FACTS["mlflow"], "tracking_uri": "http://mlflow:5000"}}
     served["mlflow"]["run_url"] = "http://mlflow:5000/#/experiments/1/runs/f3590"
