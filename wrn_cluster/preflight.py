@@ -21,6 +21,7 @@ from wrn_cluster import cluster, data, tracking
 from wrn_cluster.data import storage
 from wrn_cluster.models import build_model
 from wrn_cluster.spec import ClassifyJob, DetectJob, JobBase, TuneJob
+from wrn_cluster.spec.datasets import DATASET_FACTS
 from wrn_cluster.train import precision
 from wrn_cluster.train.optim import effective_lr
 
@@ -382,7 +383,8 @@ def recipe_plan(spec: ClassifyJob) -> list[str]:
         lines.append(f"gradients clipped to norm {opt.grad_clip_norm:g}: one norm per step")
     if spec.ema:
         with torch.device("meta"):  # counts parameters without allocating them
-            net = build_model(spec.model.arch, spec.model.num_classes or 1000)
+            classes = spec.model.num_classes or DATASET_FACTS[data.dataset].num_classes or 1000
+            net = build_model(spec.model.arch, classes)
         numbers = sum(t.numel() for t in [*net.parameters(), *net.buffers()])
         ema = spec.ema
         lines.append(

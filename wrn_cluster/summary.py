@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from wrn_cluster import tracking
-from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob
+from wrn_cluster.spec import ClassifyJob, DetectJob, TuneJob, lower_is_better
 from wrn_cluster.train.metrics import duration
 
 Spec = ClassifyJob | DetectJob | TuneJob
@@ -34,7 +34,7 @@ def facts(spec: Spec, job_id: str, result: Any, wall_s: float) -> dict[str, Any]
         found.update(_search_facts(spec, result))
     else:
         metric = spec.tracking.promotion_metric
-        found.update(_run_facts(spec, result, metric, metric.endswith("loss")))
+        found.update(_run_facts(spec, result, metric, lower_is_better(metric)))
     # Held devices, at most: an elastic group may have run smaller, a search fewer trials.
     devices = spec.scaling.max_workers * (
         spec.scaling.gpus_per_worker if spec.scaling.use_gpu else 1

@@ -102,7 +102,10 @@ def test_a_mixed_step_trains_on_soft_labels_and_counts_accuracy_on_the_true_ones
     logits = reference(mixed)
     per_sample = F.cross_entropy(logits, soft, reduction="none", label_smoothing=0.1)
     valid = labels >= 0
-    assert loss.item() == pytest.approx(per_sample[valid].mean().item(), rel=1e-5)
+    # Image 6 is mixed with image 5's blank (torchvision pairs each with the one before it).
+    used = valid & valid.roll(1, 0)
+    assert used.tolist() == [True] * 5 + [False, False, True]
+    assert loss.item() == pytest.approx(per_sample[used].mean().item(), rel=1e-5)
     assert totals[1].item() == ((logits.argmax(1) == labels) & valid).sum().item()
     assert totals[2:].tolist() == [7.0, 1.0]
 
@@ -140,6 +143,21 @@ def test_progressive_resizing_plans_each_epochs_size_and_the_step_trains_at_it()
         schedule={"epochs": 7, "type": "cosine"},
     )
     assert [job.train_size(e) for e in range(7)] == [32, 32, 40, 48, 56, 64, 64]
+    # FFCV's 40-epoch ramp: 160 until epoch 29, 192 from 34, the nearest multiple of 32 between.
+    ffcv = spec(
+        data={
+            "image_size": 192,
+            "progressive": {"start": 160, "end": 192, "from_epoch": 29, "to_epoch": 34},
+        },
+        schedule={"epochs": 40, "type": "cosine"},
+    )
+    assert [ffcv.train_size(e) for e in range(28, 40)] == [160] * 4 + [192] * 8
+    # Without to_epoch the size reaches its end at the last epoch.
+    default = spec(
+        data={"image_size": 64, "progressive": {"start": 32, "end": 64, "multiple": 8}},
+        schedule={"epochs": 5, "type": "cosine"},
+    )
+    assert [default.train_size(e) for e in range(5)] == [32, 40, 48, 56, 64]
     # A resume in epoch 3 trains at epoch 3's size: the size is a function of the epoch only.
     assert job.train_size(3) == 48
     step = built(job)
@@ -272,6 +290,11 @@ def test_the_better_of_the_raw_and_averaged_weights_is_shipped():
     assert not job.ships_average({"val_top1": 0.7})
     by_loss = spec(ema={"decay": 0.999}, tracking={"promotion_metric": "val_loss"})
     assert by_loss.ships_average({"val_loss": 0.5, "val_loss_ema": 0.4})
+    by_average = spec(ema={"decay": 0.999}, tracking={"promotion_metric": "val_top1_ema"})
+    assert by_average.ships_average({"val_top1": 0.9, "val_top1_ema": 0.8})
+    # The average's loss is a loss too: lower is better, for stop_at as for promotion.
+    assert metrics.Target({"val_loss_ema": 0.5}, ("t", "d")).reached({"val_loss_ema": 0.4})
+    assert not metrics.Target({"val_loss_ema": 0.5}, ("t", "d")).reached({"val_loss_ema": 3.2})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +348,16 @@ schedule: {epochs: 10, type: cosine}
             "data.augmentation.policy",
         ),
         ("ema: {decay: 1.5}", "ema.decay"),
+        (
+            "schedule: {epochs: 10, type: cosine, stop_at: {val_top1: 78.5}}",
+            "schedule.stop_at: val_top1 is a fraction from 0 to 1; 78.5 reads as a percentage, "
+            "write 0.785",
+        ),
+        (
+            "data: {dataset: imagefolder, url: /data, image_size: 64, batch_size: 8, "
+            "progressive: {start: 32, end: 64, from_epoch: 9}}",
+            "data.progressive.from_epoch: epoch 9 leaves no later epoch to grow into",
+        ),
         (
             "data: {dataset: cifar10, url: /data, batch_size: 8, eval_size: 40}",
             "data.eval_size: cifar10 images are 32x32 and evaluated as they are; got 40",

@@ -73,7 +73,7 @@ def recipes(tmp_path_factory):
             client,
             experiment,
             "wrn-28-10-fast",
-            "randaugment, label_smoothing 0.1",
+            "rand_augment, label_smoothing 0.1",
             [
                 {"val_top1": 0.74, "val_loss": 1.0, "images_per_sec": 2000.0},
                 {"val_top1": 0.79, "val_loss": 0.8, "images_per_sec": 2400.0},
@@ -144,7 +144,7 @@ def test_runs_compare_sets_each_jobs_recipe_best_score_and_time_to_target_side_b
     }
     fast = by_job["wrn-28-10-fast"]
     assert (fast["recipe"], fast["epochs"], fast["best"]) == (
-        "randaugment, label_smoothing 0.1",
+        "rand_augment, label_smoothing 0.1",
         2,
         0.79,
     )
@@ -162,7 +162,7 @@ def test_runs_compare_sets_each_jobs_recipe_best_score_and_time_to_target_side_b
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
     (fast_line,) = [line for line in lines if "wrn-28-10-fast" in line]
-    for cell in (runs["reached"][:8], "randaugment, label_smoothing 0.1", "val_top1 0.79"):
+    for cell in (runs["reached"][:8], "rand_augment, label_smoothing 0.1", "val_top1 0.79"):
         assert cell in fast_line
     for cell in ("val_top1 0.785", "1h 02m", "4.14", "2200"):
         assert cell in fast_line

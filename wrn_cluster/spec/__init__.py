@@ -60,6 +60,7 @@ from wrn_cluster.spec.sections import (
     TrackingSection,
     absolute_if_local,
     home,
+    lower_is_better,
 )
 from wrn_cluster.spec.tune import (
     ARCH_PARTS,
@@ -100,6 +101,7 @@ __all__ = [
     "DetectorSection",
     "FieldError",
     "JobBase",
+    "lower_is_better",
     "JobSpec",
     "MeanStd",
     "ModelInfo",

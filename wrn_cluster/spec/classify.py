@@ -61,16 +61,17 @@ class AugmentationSection(Section):
 
 class ProgressiveResizing(Section):
     """Train at a size growing from ``start`` to ``end`` px, linearly over epochs
-    ``from_epoch``..``to_epoch`` in steps of ``multiple`` (FFCV's ResNet-50 schedule: 160 to
-    192). The batch is resized on the device, as MosaicML Composer's ProgressiveResizing does."""
+    ``from_epoch``..``to_epoch``, rounded to the nearest ``multiple`` (FFCV's ResNet-50
+    schedule: 160 to 192 over epochs 29-34 of 40). The batch is resized on the device, as
+    MosaicML Composer's ProgressiveResizing does."""
 
     start: int = Field(..., ge=8)
     end: int = Field(..., ge=8)
     from_epoch: int = Field(0, ge=0, description="Epoch (0-based) the size starts growing.")
     to_epoch: int | None = Field(
-        None, ge=1, description="Epoch the size reaches ``end``; the last epoch if unset."
+        None, ge=1, description="Epoch (0-based) the size reaches ``end``; the last if unset."
     )
-    multiple: int = Field(32, ge=1, description="Sizes are rounded down to a multiple of it.")
+    multiple: int = Field(32, ge=1, description="Sizes are rounded to the nearest multiple.")
 
 
 class EmaSection(Section):
@@ -223,14 +224,19 @@ class ClassifyJob(
                     f"{progressive.start}px is smaller than {self.model.arch}'s total stride; "
                     f"use at least {info.total_stride}",
                 )
-            last = (
-                progressive.to_epoch if progressive.to_epoch is not None else self.schedule.epochs
-            )
-            if not progressive.from_epoch < last <= self.schedule.epochs:
+            if progressive.from_epoch >= self.schedule.epochs - 1:
+                raise FieldError(
+                    "data.progressive.from_epoch",
+                    f"epoch {progressive.from_epoch} leaves no later epoch to grow into; use "
+                    f"an epoch below {self.schedule.epochs - 1} (epochs count from 0)",
+                )
+            last = self._last_growing_epoch()
+            if not progressive.from_epoch < last < self.schedule.epochs:
                 raise FieldError(
                     "data.progressive.to_epoch",
                     f"the size grows from epoch {progressive.from_epoch} to {last}, which must "
-                    f"be later and at most schedule.epochs ({self.schedule.epochs})",
+                    f"be later and below schedule.epochs ({self.schedule.epochs}; epochs count "
+                    "from 0)",
                 )
         return self
 
@@ -275,22 +281,23 @@ class ClassifyJob(
     def eval_size(self) -> int:
         return self.data.eval_size or self.image_size
 
+    def _last_growing_epoch(self) -> int:
+        grow = self.data.progressive
+        assert grow is not None
+        return grow.to_epoch if grow.to_epoch is not None else self.schedule.epochs - 1
+
     def train_size(self, epoch: int) -> int:
         """The training batch's size in ``epoch`` (0-based): progressive resizing's, else the
-        loader's."""
+        loader's. The size grows linearly from ``start`` at ``from_epoch`` to ``end`` at
+        ``to_epoch`` (the last epoch if unset), rounded to the nearest ``multiple``, as FFCV's
+        schedule does."""
         grow = self.data.progressive
         if grow is None:
             return self.image_size
-        last = grow.to_epoch if grow.to_epoch is not None else self.schedule.epochs
-        if epoch <= grow.from_epoch:
-            size = grow.start
-        elif epoch >= last:
-            size = grow.end
-        else:
-            size = grow.start + (grow.end - grow.start) * (epoch - grow.from_epoch) / (
-                last - grow.from_epoch
-            )
-        return max(grow.start, int(size) // grow.multiple * grow.multiple)
+        first, last = grow.from_epoch, self._last_growing_epoch()
+        fraction = min(max((epoch - first) / (last - first), 0.0), 1.0)
+        size = grow.start + (grow.end - grow.start) * fraction
+        return min(max(round(size / grow.multiple) * grow.multiple, grow.start), grow.end)
 
     @property
     def image_size(self) -> int:

@@ -26,6 +26,11 @@ from wrn_cluster.spec.datasets import DATASET_FACTS, MeanStd
 from wrn_cluster.spec.names import UnknownModelError, parse_name
 
 
+def lower_is_better(metric: str) -> bool:
+    """A loss (its EMA's too) is better lower; every other metric higher."""
+    return metric.removesuffix("_ema").endswith("loss")
+
+
 def home() -> Path:
     """Where the embedded defaults keep files: ``WRN_CLUSTER_HOME`` or ``./.wrn-cluster``."""
     return Path(os.environ.get("WRN_CLUSTER_HOME", ".wrn-cluster")).absolute()
@@ -394,6 +399,17 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
                     "schedule.stop_at",
                     f"{metric!r} is not a metric this job evaluates; use one of {', '.join(known)}",
                 )
+            value = self.schedule.stop_at[metric]
+            fraction = metric.startswith(("val_top", "AP"))
+            if fraction and not 0 < value <= 1:
+                raise FieldError(
+                    "schedule.stop_at",
+                    f"{metric} is a fraction from 0 to 1; {value:g} reads as a percentage, "
+                    f"write {value / 100:g}"
+                    if value > 1
+                    else f"{metric} {value:g} is "
+                    "reached before training; give a value above 0, up to 1",
+                )
         if self.schedule.warmup_epochs >= epochs:
             raise FieldError(
                 "schedule.warmup_epochs",
@@ -444,12 +460,14 @@ class JobBase(Section, Generic[ModelT, DataT, OptimizerT, ScheduleT, TrackingT])
         job with these final ``metrics`` logs and registers: it scored better by
         tracking.promotion_metric (its ``<metric>_ema``)."""
         metric = self.tracking.promotion_metric
+        if metric.endswith("_ema"):  # promoted by the average's score: the average ships
+            return isinstance(metrics.get(metric), int | float)
         raw, averaged = metrics.get(metric), metrics.get(f"{metric}_ema")
         if not isinstance(averaged, int | float):
             return False
         if not isinstance(raw, int | float):
             return True
-        return averaged < raw if metric.endswith("loss") else averaged > raw
+        return averaged < raw if lower_is_better(metric) else averaged > raw
 
     @property
     def uneven_shares(self) -> bool:

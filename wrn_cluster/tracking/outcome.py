@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from wrn_cluster.spec import JobBase
+from wrn_cluster.spec import JobBase, lower_is_better
 from wrn_cluster.tracking.context import JOB_TAG, RECIPE_TAG
 from wrn_cluster.tracking.server import client_for, redacted
 
@@ -166,7 +166,7 @@ def _comparison(client, run) -> dict[str, Any]:
     run_id, metrics, params = run.info.run_id, run.data.metrics, run.data.params
     metric = params.get("tracking.promotion_metric", "val_top1")
     history = [m.value for m in client.get_metric_history(run_id, metric)]
-    best = (min if metric.endswith("loss") else max)(history) if history else None
+    best = (min if lower_is_better(metric) else max)(history) if history else None
     speeds = [m.value for m in client.get_metric_history(run_id, "images_per_sec")]
     reached = next(
         (k.removeprefix("time_to_") for k in sorted(metrics) if k.startswith("time_to_")), None

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from wrn_cluster.spec import JobBase
+from wrn_cluster.spec import JobBase, lower_is_better
 from wrn_cluster.tracking.context import JOB_TAG, RECIPE_TAG, RunContext
 from wrn_cluster.tracking.server import client_for, display_uri, fluent_store, scrub
 
@@ -281,8 +281,16 @@ def _register(
     alias, metric = spec.tracking.alias, spec.tracking.promotion_metric
     new = metrics.get(metric)
     if spec.ships_average(metrics):  # the logged model is the weights' moving average
-        new = metrics[f"{metric}_ema"]
-        tags |= {"weights": "ema", metric: round(new, 6), f"{metric}_raw": tags.get(metric)}
+        if not metric.endswith("_ema"):
+            new = metrics[f"{metric}_ema"]
+        # Its scores are the average's; the raw weights' stay beside them as *_raw.
+        for key in [k for k in tags if k.startswith("val_") and not k.endswith("_ema")]:
+            averaged = metrics.get(f"{key}_ema")
+            if isinstance(averaged, int | float):
+                tags |= {f"{key}_raw": tags[key], key: round(averaged, 6)}
+        tags["weights"] = "ema"
+    if getattr(spec.data, "eval_flip", False):  # the scores averaged an image and its mirror
+        tags["eval_flip"] = "true"
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     try:
@@ -290,8 +298,8 @@ def _register(
     except MlflowException:  # no version holds the alias yet
         holder = None
     old = float(holder.tags[metric]) if holder and metric in holder.tags else None
-    lower_is_better = metric.endswith("loss")
-    better = new is not None and (old is None or (new < old if lower_is_better else new > old))
+    lower = lower_is_better(metric)
+    better = new is not None and (old is None or (new < old if lower else new > old))
     missed = _missed_budget(spec, trained.metrics)
     if holder and str(holder.version) == str(version):  # registered and promoted before
         decision = f"kept {name}@{alias}: v{version} {metric}={new} holds it already"

@@ -5,13 +5,15 @@ running statistics included, as torchvision's reference recipes do).
 
 Until ``warmup_steps`` the average copies the weights instead (the first updates of a network
 trained from scratch would otherwise anchor the average to its random start). Every rank keeps
-the same average, since DDP keeps the weights equal, so each evaluates its slice of the
-validation split with it.
+the same average, so each evaluates its slice of the validation split with it: DDP keeps the
+parameters equal, and the buffers (BatchNorm's running statistics, which each rank updates from
+its own batch until DDP's next forward sends rank 0's) are taken from rank 0 before an update.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -35,6 +37,9 @@ class WeightAverage:
         """Called after optimizer step ``step`` (1-based) with the bare (unwrapped) network."""
         if step % self.section.every_steps:
             return
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for buffer in net.buffers():  # what DDP's next forward would send anyway
+                dist.broadcast(buffer, src=0)
         if step <= self.section.warmup_steps:
             self.model.n_averaged.zero_()  # the next update copies the weights
         self.model.update_parameters(net)

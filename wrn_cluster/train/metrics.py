@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from wrn_cluster.spec.datasets import COCO_AP_METRICS
+from wrn_cluster.spec.sections import lower_is_better
 
 # torchvision's Faster R-CNN losses, each summed over the epoch's images by the detection step.
 DETECTION_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -218,7 +219,7 @@ class Target:
         found = report.get(self.metric) if self.metric else None
         if not isinstance(found, int | float):
             return False
-        return found <= self.value if self.metric.endswith("loss") else found >= self.value
+        return found <= self.value if lower_is_better(self.metric) else found >= self.value
 
     def record(self, elapsed_s: float, device_hours: float) -> dict[str, float]:
         time_key, hours_key = self.keys or ("", "")
