@@ -1,7 +1,8 @@
 """The two ImageNet recipes of jobs/ (torchvision's V2 and the short FFCV/Composer-style one)
 run end to end on a real local Ray, at tiny sizes on sklearn's digits, with every option they
-name active; a run whose worker is SIGKILLed inside an epoch resumes to the same final weights,
-the weights' moving average (EMA) included, as an uninterrupted one."""
+name active and each read as its job reads ImageNet (the V2 recipe from files, the short one from
+packed shards); a run whose worker is SIGKILLed inside an epoch resumes to the same final
+weights, the weights' moving average (EMA) included, as an uninterrupted one."""
 
 import os
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 from tests.util import as_spec, final_state, kill_a_worker_after_first_checkpoint
 from tests.util import digits as digits
 from wrn_cluster import driver
+from wrn_cluster.data import shards
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +32,21 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def packed_digits(digits, tmp_path_factory):
+    """The digits packed into shards, as `wrn-cluster data pack` writes them."""
+    dst = tmp_path_factory.mktemp("digits-shards")
+    shards.pack_here(str(digits), str(dst), 400)
+    return dst
+
+
 def tiny(job_file: str, data_url: Path, storage: Path, name: str) -> dict:
     """The recipe as written, at the digits' size: a small ImageNet-family WRN, 32-48 px, two
-    CPU workers, two epochs of 45 steps, fp32 (bitwise reproducible on the CPU)."""
+    CPU workers, two epochs of 45 steps, fp32 (bitwise reproducible on the CPU). The data is
+    read in the job's own format: ``data_url`` is the digits' folder or their shards."""
     job = yaml.safe_load((JOBS / job_file).read_text())
     data = job["data"]
     data.update(
-        format="files",
         url=str(data_url),
         batch_size=32,
         loader_workers=1,
@@ -45,6 +55,8 @@ def tiny(job_file: str, data_url: Path, storage: Path, name: str) -> dict:
         eval_resize=44,
     )
     data.pop("shard_cache_limit", None)
+    if data.get("format") == "shards":  # each run's cache apart from the other's
+        data["shard_cache"] = str(storage / "shard-cache")
     if data.get("progressive"):  # 32 px, then 48: the size changes between the two epochs
         data["progressive"] = {"start": 32, "end": 48, "from_epoch": 0, "to_epoch": 1}
         data["progressive"]["multiple"] = 16
@@ -63,9 +75,11 @@ def tiny(job_file: str, data_url: Path, storage: Path, name: str) -> dict:
 
 @pytest.mark.parametrize("job_file", ["imagenet_wrn50_2_tv2.yaml", "imagenet_wrn50_2_fast.yaml"])
 def test_a_recipe_runs_with_every_option_and_resumes_after_a_sigkill_to_the_same_weights(
-    job_file, digits, tmp_path, local_ray
+    job_file, digits, packed_digits, tmp_path, local_ray
 ):
-    reference = tiny(job_file, digits, tmp_path / "ref", "ref")
+    as_written = yaml.safe_load((JOBS / job_file).read_text())["data"].get("format", "files")
+    source = packed_digits if as_written == "shards" else digits
+    reference = tiny(job_file, source, tmp_path / "ref", "ref")
     spec = as_spec(reference)
     assert len(spec.recipe()) >= 6, spec.recipe()  # the recipe's options are all on
     driver.prepare(spec)
@@ -74,7 +88,7 @@ def test_a_recipe_runs_with_every_option_and_resumes_after_a_sigkill_to_the_same
     for key in ("val_top1", "val_top1_ema", "val_loss_ema"):
         assert 0.0 <= result.metrics[key] <= (1.0 if "top1" in key else 50.0), result.metrics
 
-    faulty = tiny(job_file, digits, tmp_path / "faulty", "faulty")
+    faulty = tiny(job_file, source, tmp_path / "faulty", "faulty")
     spec_file = tmp_path / "faulty.yaml"
     spec_file.write_text(yaml.safe_dump(faulty))
     proc = subprocess.Popen(
