@@ -198,3 +198,16 @@ def cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:  # gone, or a zombie, meanwhile
         return []
+
+
+def shard_epoch(train, epoch: int = 0) -> list[tuple]:
+    """Epoch ``epoch`` of a shard stream (``shards.build``'s) read in this process, in its
+    order: (image, label, the record's index in its split) of each sample."""
+    train.start_epoch(epoch, 0)
+    return [(*train.transform(record, epoch), int(record["index"])) for record in train.stream]
+
+
+def positions_of(epoch: list[tuple], indices) -> set[int]:
+    """Where in an epoch read by ``shard_epoch`` the samples of these split indices come."""
+    wanted = set(indices)
+    return {i for i, (_, _, index) in enumerate(epoch) if index in wanted}

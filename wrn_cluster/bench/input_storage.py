@@ -55,7 +55,8 @@ def server_core() -> int | None:
 class DelayedS3:
     """moto's S3 on 127.0.0.1 in a process of its own (not competing with the readers for this
     one's interpreter lock), each request answered ``delay_s`` late; settable while it runs.
-    With ``core``, the server runs on that core only."""
+    With ``core``, the server runs on that core only. ``fail`` makes it answer some GETs with
+    HTTP 500 (S3's InternalError), for tests of a read that fails mid-run."""
 
     def __init__(self, core: int | None = None) -> None:
         try:
@@ -67,8 +68,11 @@ class DelayedS3:
             ) from None
         context = multiprocessing.get_context("spawn")
         self._delay = context.Value("d", 0.0)
+        self._faults = Faults(context)
         ports = context.Queue()
-        self._process = context.Process(target=_serve, args=(self._delay, ports, core), daemon=True)
+        self._process = context.Process(
+            target=_serve, args=(self._delay, self._faults, ports, core), daemon=True
+        )
         self._process.start()
         self.url = f"http://127.0.0.1:{ports.get(timeout=60)}"
 
@@ -80,13 +84,68 @@ class DelayedS3:
     def delay_s(self, value: float) -> None:
         self._delay.value = value
 
+    def fail(self, text: str, times: int | None = None) -> None:
+        """Answer the GETs whose path holds ``text`` with HTTP 500: the next ``times`` of them,
+        or all (None); "" fails none."""
+        self._faults.set(text, times)
+
+    @property
+    def failed_at(self) -> list[float]:
+        """When (time.time()) each GET answered with a failure came, oldest first."""
+        return self._faults.times()
+
     def close(self) -> None:
         self._process.terminate()
         self._process.join(10)
 
 
-def _serve(delay: Any, ports: Any, core: int | None) -> None:
-    """The server process: moto's S3 behind a WSGI layer that sleeps ``delay`` per request."""
+class Faults:
+    """Which GETs the server fails, shared with its process: the text their path holds, how
+    many more to fail (-1: all), and when each failed one came (the first FAULT_LOG)."""
+
+    def __init__(self, context: Any) -> None:
+        self._text = context.Array("c", FAULT_TEXT)
+        self._left = context.Value("i", 0)
+        self._count = context.Value("i", 0)
+        self._at = context.Array("d", FAULT_LOG)
+
+    def set(self, text: str, times: int | None) -> None:
+        encoded = text.encode()
+        if len(encoded) >= FAULT_TEXT:
+            raise ValueError(f"a failing path's text is at most {FAULT_TEXT - 1} bytes")
+        with self._left.get_lock():
+            self._text.value = encoded
+            self._left.value = -1 if times is None else times
+
+    def hit(self, path: str) -> bool:
+        """Whether to fail a GET of ``path`` (and if so, it is counted)."""
+        with self._left.get_lock():
+            text = self._text.value.decode()
+            if not text or text not in path or self._left.value == 0:
+                return False
+            if self._left.value > 0:
+                self._left.value -= 1
+            if self._count.value < FAULT_LOG:
+                self._at[self._count.value] = time.time()
+            self._count.value += 1
+            return True
+
+    def times(self) -> list[float]:
+        with self._left.get_lock():
+            return list(self._at[: min(self._count.value, FAULT_LOG)])
+
+
+FAULT_TEXT = 256  # bytes of a failing path's text, at most
+FAULT_LOG = 256  # failed GETs whose time is kept
+FAILURE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>'
+    b"We encountered an internal error. Please try again.</Message></Error>"
+)
+
+
+def _serve(delay: Any, faults: Faults, ports: Any, core: int | None) -> None:
+    """The server process: moto's S3 behind a WSGI layer that sleeps ``delay`` per request and
+    answers the GETs ``faults`` names with HTTP 500."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     from moto.server import DomainDispatcherApplication, create_backend_app
@@ -98,6 +157,12 @@ def _serve(delay: Any, ports: Any, core: int | None) -> None:
     def delayed(environ: dict, start_response: Callable) -> Any:
         if delay.value:
             time.sleep(delay.value)
+        if environ["REQUEST_METHOD"] == "GET" and faults.hit(environ.get("PATH_INFO", "")):
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "application/xml"), ("Content-Length", str(len(FAILURE)))],
+            )
+            return [FAILURE]
         return moto_app(environ, start_response)
 
     server = make_server("127.0.0.1", 0, delayed, threaded=True)
