@@ -307,7 +307,9 @@ def data_pack(
         str,
         typer.Argument(
             help="The dataset's URL: an ImageFolder (train/<class>/*.jpg, val/<class>/*), or "
-            "a CIFAR-10/100 python release or SVHN's .mat files with --dataset."
+            "with --dataset a CIFAR-10/100 python release, SVHN's .mat files, or a COCO set "
+            "in COCO 2017's layout (annotations/instances_{train,val}2017.json, train2017/, "
+            "val2017/)."
         ),
     ],
     dst: Annotated[str, typer.Argument(help="Where the shards go: a path, file:// or s3://.")],
@@ -325,13 +327,21 @@ def data_pack(
     dataset: Annotated[
         str,
         typer.Option(
-            help="What SRC holds, as data.dataset names it: imagefolder, cifar10, cifar100, svhn."
+            help="What SRC holds, as data.dataset names it: imagefolder, cifar10, cifar100, "
+            "svhn, coco."
         ),
     ] = "imagefolder",
+    keep_empty_images: Annotated[
+        bool,
+        typer.Option(
+            help="COCO: pack training images without boxes too (torchvision's recipe drops "
+            "them); a spec reading the shards sets data.keep_empty_images to match."
+        ),
+    ] = False,
 ) -> None:
     """Pack a dataset into shards that `data.format: shards` streams: one Ray task per shard,
-    each image as the source holds it (JPEG bytes, CIFAR/SVHN pixels); a rerun finishes an
-    interrupted pack."""
+    each image as the source holds it (JPEG bytes, CIFAR/SVHN pixels; COCO's with its boxes);
+    a rerun finishes an interrupted pack."""
     from wrn_cluster.data import DataError
     from wrn_cluster.pack import pack
 
@@ -343,6 +353,7 @@ def data_pack(
             address=address,
             say=out.print,
             kind=dataset,
+            keep_empty_images=keep_empty_images,
         )
     except (DataError, OSError) as error:
         raise fail(_first_line(error) if not isinstance(error, DataError) else str(error)) from None

@@ -1,7 +1,7 @@
-"""`wrn-cluster data pack SRC DST`: an ImageFolder dataset or a CIFAR-10/100 or SVHN release
-(any fsspec URL) into MDS shards on any fsspec URL, one Ray task per shard, on an embedded Ray
-or on a cluster (``--address``). A release's images are read here once and put in Ray's object
-store; each task reads its split's array from there without a copy.
+"""`wrn-cluster data pack SRC DST`: an ImageFolder dataset, a CIFAR-10/100 or SVHN release or a
+COCO set (any fsspec URL) into MDS shards on any fsspec URL, one Ray task per shard, on an
+embedded Ray or on a cluster (``--address``). A release's images are read here once and put in
+Ray's object store; each task reads its split's array from there without a copy.
 
 The shards and their manifest are ``data.shards``'s; this module only spreads the parts over
 Ray and reports progress. A rerun skips every part whose shard and record are already there,
@@ -29,16 +29,22 @@ def pack(
     kind: str = "imagefolder",
     say: Callable[[str], None],
     cpus_per_task: float = 1.0,
+    keep_empty_images: bool = False,
 ) -> dict[str, Any]:
     """Pack ``src`` into ``dst``; returns the manifest. Raises DataError."""
     if kind not in shards.KINDS:
         raise DataError(
             f"--dataset {kind}: packs one of {', '.join(shards.KINDS)}; name what {src} holds"
         )
+    if keep_empty_images and kind != "coco":
+        raise DataError(
+            f"--keep-empty-images is for --dataset coco (images without boxes); {kind} images "
+            "all have a label: leave it out"
+        )
     import ray
 
     try:
-        source = shards.plan(src, images_per_shard, kind)
+        source = shards.plan(src, images_per_shard, kind, keep_empty_images)
     except access_errors() as error:
         raise DataError(
             f"{src}: cannot list the dataset ({type(error).__name__}: {error})"
@@ -51,8 +57,7 @@ def pack(
     total = sum(len(split) for split in parts.values())
     say(
         f"{src}: {counts['train']} train and {counts['val']} val images in "
-        f"{len(source.classes)} "
-        "classes -> "
+        f"{len(source.classes)} {'categories' if kind == 'coco' else 'classes'} -> "
         f"{total} shards of up to {images_per_shard} images in {dst}"
         + (f"; {total - len(todo)} already packed" if len(todo) < total else "")
     )

@@ -1,7 +1,8 @@
 """Packed shards on a real local Ray and moto's S3: `wrn-cluster data pack` of sklearn's digits
-(real JPEGs) as Ray tasks, a rerun that packs only a deleted shard, digits trained from the
-shards in S3, and a worker SIGKILLed inside an epoch that resumes to an uninterrupted run's
-weights. The format, the order and the bad inputs without Ray: tests/unit/test_shards.py."""
+(real JPEGs) and of a COCO set of shapes as Ray tasks, reruns that pack only a deleted shard,
+digits trained from the shards in S3, a worker SIGKILLed inside an epoch that resumes to an
+uninterrupted run's weights, and a detector trained from COCO shards in S3. The format, the
+order and the bad inputs without Ray: tests/unit/test_shards.py, tests/unit/test_coco_shards.py."""
 
 import hashlib
 import json
@@ -14,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from tests.unit.test_detection import as_spec as as_detect_spec
+from tests.unit.test_detection import detect_job
 from tests.util import (
     as_spec,
     digits_job,
@@ -22,6 +25,8 @@ from tests.util import (
 )
 from tests.util import digits as digits
 from wrn_cluster import driver
+from wrn_cluster.data import coco
+from wrn_cluster.data.synthetic import write_coco
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +48,10 @@ def bucket(s3_env, s3_server):
     return fs
 
 
-def pack(source, env) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "wrn_cluster.cli", "data", "pack", str(source), SHARDS]
+def pack(source, env, dst=SHARDS, *options, per_shard=300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "wrn_cluster.cli", "data", "pack", str(source), dst]
     return subprocess.run(
-        [*command, "--images-per-shard", "300"],
+        [*command, "--images-per-shard", str(per_shard), *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -173,3 +178,67 @@ def test_a_worker_sigkilled_inside_an_epoch_of_shards_resumes_to_identical_weigh
     assert resumed["step"] == uninterrupted["step"] and len(resumed["resumes"]) == 1
     for key, tensor in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], tensor), key
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO: shapes with their boxes, packed on Ray into S3, and a detector trained from them
+
+COCO_SHARDS = "s3://datasets/shapes-shards"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_coco(str(root), images=120, size=96, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco_packed(shapes, s3_env, bucket):
+    run = pack(shapes, s3_env, COCO_SHARDS, "--dataset", "coco", per_shard=24)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_a_coco_set_packs_on_ray_with_its_boxes_and_a_rerun_packs_only_a_deleted_shard(
+    coco_packed, shapes, s3_env, bucket
+):
+    spec = as_detect_spec(detect_job(shapes))
+    train, _, categories, val_doc = coco.build(spec)
+    manifest = json.loads(bucket.cat("datasets/shapes-shards/manifest.json"))
+    counts = manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]
+    assert counts == (len(train), len(val_doc["images"]))
+    assert manifest["coco"]["categories"] == categories.as_list()
+    assert json.loads(bucket.cat("datasets/shapes-shards/annotations/val.json")) == val_doc
+    for shard in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        data = bucket.cat(f"datasets/shapes-shards/{shard['name']}")
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (shard["bytes"], shard["sha256"])
+    assert "categories -> " in coco_packed, coco_packed
+
+    victim = "datasets/shapes-shards/train/shard.00001.mds"
+    kept = bucket.cat(victim)
+    bucket.rm(victim)
+    run = pack(shapes, s3_env, COCO_SHARDS, "--dataset", "coco", per_shard=24)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "[1/1] train shard 1: 24 images" in run.stdout, run.stdout
+    bucket.invalidate_cache()
+    assert bucket.cat(victim) == kept
+
+
+def test_a_detector_trains_from_coco_shards_in_s3(coco_packed, shard_ray, bucket, tmp_path):
+    manifest = json.loads(bucket.cat("datasets/shapes-shards/manifest.json"))
+    job = detect_job(
+        COCO_SHARDS,
+        tmp_path / "runs",
+        name="shapes-shards",
+        data={"format": "shards", "shard_cache": str(tmp_path / "cache")},
+        schedule={"epochs": 2, "milestones": [1]},
+        checkpoint={"every_steps": 4},
+    )
+    spec = as_detect_spec(job)
+    driver.prepare(spec)
+    metrics = driver.run(spec).metrics
+    assert metrics["epoch"] == 2 and {"AP", "AP50", "train_loss_box_reg"} <= set(metrics)
+    assert metrics["skipped_images"] == 0, metrics
+    state = final_state(tmp_path / "runs", "shapes-shards")
+    assert state["epoch"] == 2 and state["categories"] == manifest["coco"]["categories"]

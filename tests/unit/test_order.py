@@ -157,9 +157,9 @@ def test_a_resume_inside_an_epoch_whose_order_the_spec_changed_is_refused():
     order.check_resume_order({"seed": 3}, spec(), 1)  # a checkpoint from before the facts
     with pytest.raises(CheckpointError, match="came from seed 3, but the spec now gives 4"):
         order.check_resume_order(recorded, spec(seed=4), 2)
-    grouped = {"seed": 3, **order.order_facts(spec(group_aspect_ratio=True), 2)}
+    grouped = {"seed": 3, **order.order_facts(spec(grouped=True), 2)}
     with pytest.raises(CheckpointError, match="set scaling.workers back to 2 to resume"):
-        order.check_resume_order(grouped, spec(group_aspect_ratio=True), 1)
+        order.check_resume_order(grouped, spec(grouped=True), 1)
     shards_spec = SimpleNamespace(seed=3, data=SimpleNamespace(format="shards", canonical_nodes=8))
     recorded = {"seed": 3, **order.order_facts(shards_spec, 2)}
     shards_spec.data.canonical_nodes = 4

@@ -417,7 +417,8 @@ def test_shards_of_another_dataset_kind_or_an_unknown_kind_are_refused_with_the_
         "--dataset svhn`"
     ) in str(caught.value)
     with pytest.raises(
-        DataError, match="--dataset mnist: packs one of cifar10, cifar100, svhn, imagefolder; name"
+        DataError,
+        match="--dataset mnist: packs one of cifar10, cifar100, svhn, imagefolder, coco; name",
     ):
         pack(
             str(tmp_path / "src"),

@@ -283,3 +283,16 @@ def test_an_elastic_range_is_a_worker_count_between_min_and_max():
     )
     again = parse(GOOD, "s.yaml", ["scaling.workers={min: 2, max: 4}"])
     assert again.scaling.describe() == "2-4 (elastic)"
+
+
+def test_a_field_error_survives_pickling_as_ray_sends_a_workers_error():
+    import pickle
+
+    from wrn_cluster.spec.sections import FieldError
+
+    error = pickle.loads(pickle.dumps(FieldError("data.url", "no such folder")))
+    assert (error.field, error.message, str(error)) == (
+        "data.url",
+        "no such folder",
+        "no such folder",
+    )

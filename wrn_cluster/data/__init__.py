@@ -65,13 +65,14 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
     """
     data = spec.data
     with _reading(data.url):
+        if data.format == "shards":
+            num_classes = None if data.dataset == "coco" else spec.model.num_classes
+            manifest = shards.check(data.url, num_classes, data.shard_cache_limit, data.dataset)
+            if data.dataset == "coco":
+                _same_empty_images(spec, manifest)
+            return Prepared(manifest["splits"]["train"]["samples"], synthetic=False)
         if data.dataset == "coco":
             return coco.prepare(spec, write)
-        if getattr(data, "format", "files") == "shards":
-            manifest = shards.check(
-                data.url, spec.model.num_classes, data.shard_cache_limit, data.dataset
-            )
-            return Prepared(manifest["splits"]["train"]["samples"], synthetic=False)
         if data.dataset == "imagefolder":
             synth = data.synthesize
             if synth is not None and imagefolder.is_missing_or_empty(data.url):
@@ -93,9 +94,38 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
         return Prepared(DATASET_FACTS[data.dataset].train_images, synthetic=False)
 
 
-def build_detection_datasets(spec: DetectJob) -> tuple[Dataset, Dataset, Any, dict]:
-    """(train, val, categories, the val annotation file): see ``coco.build``."""
-    with _reading(spec.data.url):
+def _same_empty_images(spec: DetectJob, manifest: dict[str, Any]) -> None:
+    """A packed COCO set holds training images without boxes only if packed with
+    --keep-empty-images; the spec's data.keep_empty_images must say the same."""
+    packed = shards.detection_facts(manifest, spec.data.url)["empty_images"] == "kept"
+    if packed != spec.data.keep_empty_images:
+        how = "with" if packed else "without"
+        raise DataError(
+            f"{spec.data.url}: the shards were packed {how} --keep-empty-images, but "
+            f"data.keep_empty_images is {str(spec.data.keep_empty_images).lower()}; set it to "
+            f"{str(packed).lower()}, or pack the COCO set again "
+            f"{'without' if packed else 'with'} --keep-empty-images into another folder"
+        )
+
+
+def build_detection_datasets(
+    spec: DetectJob, attempt: str = "0", world: int | None = None
+) -> tuple[Dataset, Dataset, Any, dict]:
+    """(train, val, categories, the val annotation file): see ``coco.build``, or for packed
+    shards ``shards.build_detection`` (a stream, cached in ``shard_cache(spec, attempt)``)."""
+    data = spec.data
+    with _reading(data.url):
+        if data.format == "shards":
+            return shards.build_detection(
+                data.url,
+                flip=data.flip,
+                seed=spec.seed,
+                per_worker_batch=spec.worker_batch(world or spec.scaling.max_workers),
+                cache=shard_cache(spec, attempt),
+                cache_limit=data.shard_cache_limit,
+                canonical_nodes=data.canonical_nodes,
+                adopt=True,
+            )
         return coco.build(spec)
 
 
@@ -110,7 +140,7 @@ def num_classes(spec: ClassifyJob) -> int:
     return len(imagefolder.scan(spec.data.url)[0])
 
 
-def shard_cache(spec: ClassifyJob, attempt: str) -> str:
+def shard_cache(spec: ClassifyJob | DetectJob, attempt: str) -> str:
     """This node's cache folder for the job's shards, one per attempt of the job (Streaming
     refuses a folder that another, perhaps killed, reader registered); ``shards.build`` moves
     the earlier attempts' whole shards into it."""

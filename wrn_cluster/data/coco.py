@@ -313,12 +313,23 @@ def check_images(url: str, images_path: str, annotations: Annotations) -> None:
         )
 
 
-def _same_categories(train: Annotations, val: Annotations) -> None:
+def same_categories(train: Annotations, val: Annotations) -> None:
     if Categories.of(train) != Categories.of(val):
         raise DataError(
             f"{val.source}: categories differ from {train.source}'s; both splits need the same "
             "category ids and names"
         )
+
+
+def only_images(doc: dict[str, Any], left_out: set[str]) -> dict[str, Any]:
+    """``doc`` without the images named in ``left_out`` (by file name) and their annotations:
+    the ground truth of a split whose unreadable images were not packed."""
+    if not left_out:
+        return doc
+    images = [image for image in doc["images"] if image["file_name"] not in left_out]
+    kept = {image["id"] for image in images}
+    annotations = [a for a in doc["annotations"] if a["image_id"] in kept]
+    return {**doc, "images": images, "annotations": annotations}
 
 
 def prepare(spec: DetectJob, write: bool = True) -> Prepared:
@@ -337,7 +348,7 @@ def prepare(spec: DetectJob, write: bool = True) -> Prepared:
         written = False
     train = read(data.url, data.train_annotations)
     val = read(data.url, data.val_annotations)
-    _same_categories(train, val)
+    same_categories(train, val)
     check_images(data.url, data.train_images, train)
     check_images(data.url, data.val_images, val)
     counts = index(train, Categories.of(train), data.keep_empty_images).counts
@@ -380,35 +391,57 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         split = self.split
         start, end = split.offsets[index], split.offsets[index + 1]
-        boxes = torch.from_numpy(split.boxes[start:end].copy())
-        labels = torch.from_numpy(split.labels[start:end].copy())
         height, width = (int(v) for v in split.sizes[index])
         path = join(self.root, split.file_names[index].decode())
-        skipped = False
         try:
-            image = decode(self.fs.cat_file(path))
-            if tuple(image.shape[-2:]) != (height, width):
-                raise ValueError(
-                    f"it is {image.shape[-1]}x{image.shape[-2]}, the JSON says {width}x{height}"
-                )
+            data = self.fs.cat_file(path)
         except Exception as error:  # one bad file must not stop a long run; the loop counts it
             log.warning("skipping unreadable image %s: %s", path, error)
-            image = torch.zeros(3, height, width, dtype=torch.uint8)
-            boxes, labels, skipped = boxes[:0], labels[:0], True
-        if self.flip:
-            generator = item_generator(self.seed, int(self.shared_epoch), index)
-            if torch.rand((), generator=generator).item() < 0.5:
-                image = F.horizontal_flip(image)
-                boxes = torch.stack(
-                    [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
-                )
-        target = {
-            "boxes": boxes,
-            "labels": labels,
-            "image_id": int(split.image_ids[index]),
-            "skipped": skipped,
-        }
-        return image, target
+            data = None
+        generator = item_generator(self.seed, int(self.shared_epoch), index) if self.flip else None
+        return item(
+            data,
+            (height, width),
+            torch.from_numpy(split.boxes[start:end].copy()),
+            torch.from_numpy(split.labels[start:end].copy()),
+            int(split.image_ids[index]),
+            path,
+            generator,
+        )
+
+
+def item(
+    data: bytes | None,
+    size: tuple[int, int],
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    image_id: int,
+    where: str,
+    flip: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """An image's (uint8 [3, H, W], target) from its file's bytes ``data``, its (height, width)
+    as the annotations give it and its targets, flipped with boxes if ``flip`` draws so. An
+    image that cannot be read (``data`` None), decoded, or is not that size comes back black
+    without boxes and ``skipped``: a background-only image, harmless to train on, and counted."""
+    height, width = size
+    skipped = False
+    try:
+        if data is None:
+            raise ValueError("it could not be read")
+        image = decode(data)
+        if tuple(image.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"it is {image.shape[-1]}x{image.shape[-2]}, the JSON says {width}x{height}"
+            )
+    except Exception as error:  # one bad image must not stop a long run; the loop counts it
+        if data is not None:
+            log.warning("skipping undecodable image %s: %s", where, error)
+        image = torch.zeros(3, max(height, 1), max(width, 1), dtype=torch.uint8)
+        boxes, labels, skipped = boxes[:0], labels[:0], True
+    if flip is not None and torch.rand((), generator=flip).item() < 0.5:
+        image = F.horizontal_flip(image)
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    return image, {"boxes": boxes, "labels": labels, "image_id": image_id, "skipped": skipped}
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -450,7 +483,7 @@ def build(
     data = spec.data
     train = read(data.url, data.train_annotations)
     val = read(data.url, data.val_annotations)
-    _same_categories(train, val)
+    same_categories(train, val)
     categories = Categories.of(train)
     train_index = index(train, categories, data.keep_empty_images)
     val_index = index(val, categories, keep_empty=True)  # COCO scores every val image

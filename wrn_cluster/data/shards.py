@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from wrn_cluster.data import cifar, imagefolder
+from wrn_cluster.data import cifar, coco, imagefolder, shard_fetch
 from wrn_cluster.data.base import DataError
 from wrn_cluster.data.storage import filesystem, join
 from wrn_cluster.data.transforms import (
@@ -56,7 +56,7 @@ from wrn_cluster.data.transforms import (
     item_generator,
     training_image,
 )
-from wrn_cluster.spec.datasets import DATASET_FACTS
+from wrn_cluster.spec.datasets import COCO_LAYOUT, DATASET_FACTS
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,22 @@ FORMAT = "wrn-cluster-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-KINDS = tuple(DATASET_FACTS)  # what `data pack` reads: every classification dataset
+KINDS = (*DATASET_FACTS, "coco")  # what `data pack` reads: every dataset a spec names
 FILE_BYTES = {"encoding": "file"}  # an image record is its source file's bytes
 COLUMNS = {"image": "bytes", "label": "int", "index": "int"}
+# A COCO image's record: its file's bytes, its place in the split, its COCO id and size, and
+# its training targets (boxes float32 [n, 4] x1, y1, x2, y2 in pixels; labels int64 [n] in
+# 1..K) as raw little-endian arrays.
+COCO_COLUMNS = {
+    "image": "bytes",
+    "index": "int",
+    "image_id": "int",
+    "height": "int",
+    "width": "int",
+    "boxes": "bytes",
+    "labels": "bytes",
+}
+VAL_ANNOTATIONS = "annotations/val.json"  # COCO's ground truth of the packed val images
 MDS_LIMIT = (1 << 32) - 1
 READ_AHEAD = 64  # source files read at once by a packing task
 ATTEMPT = re.compile(r"[0-9a-f]{12}")  # an attempt's cache folder (train.order.attempt_token)
@@ -91,6 +104,11 @@ def _sha256(data: bytes) -> str:
 # Packing: parts of a split, each one shard
 
 
+# A COCO image's training targets: (image id, height, width, boxes as [x1, y1, x2, y2, ...],
+# labels 1..K)
+Target = tuple[int, int, int, tuple[float, ...], tuple[int, ...]]
+
+
 @dataclass(frozen=True)
 class Part:
     """``images`` with their ``labels`` and their indices in the split, packed into shard number
@@ -104,13 +122,46 @@ class Part:
     labels: list[int]
     first_index: int
     pixels: str = ""
+    folder: str = ""  # the images' folder in the source, if not the split's name (COCO's)
+    targets: tuple[Target, ...] = ()  # COCO: each image's id, size and boxes
 
     def digest(self) -> str:
         """What the part holds (its images, labels and place in the split), to tell whether a
         finished part of an earlier pack is this one: the source or --images-per-shard may
         have changed since."""
-        text = json.dumps([self.split, self.first_index, self.images, self.labels, self.pixels])
+        text = json.dumps(
+            [self.split, self.first_index, self.images, self.labels, self.pixels]
+            + ([self.folder, [list(t) for t in self.targets]] if self.targets else [])
+        )
         return _sha256(text.encode())
+
+    def record(self, offset: int, data: bytes) -> dict[str, Any]:
+        """The shard record of the part's image ``offset`` with its bytes ``data``."""
+        index = self.first_index + offset
+        if not self.targets:
+            return {"image": data, "label": self.labels[offset], "index": index}
+        image_id, height, width, boxes, labels = self.targets[offset]
+        return {
+            "image": data,
+            "index": index,
+            "image_id": image_id,
+            "height": height,
+            "width": width,
+            "boxes": np.asarray(boxes, dtype="<f4").reshape(-1, 4).tobytes(),
+            "labels": np.asarray(labels, dtype="<i8").tobytes(),
+        }
+
+
+@dataclass
+class CocoSource:
+    """What a COCO pack keeps besides the images: the categories, what was left out of the
+    training targets and why (``coco.index``'s counts), whether training images without boxes
+    were kept, and the val split's annotation file (COCOeval's ground truth)."""
+
+    categories: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]]
+    keep_empty_images: bool
+    val_doc: dict[str, Any]
 
 
 @dataclass
@@ -122,6 +173,10 @@ class Source:
     classes: list[str]
     parts: dict[str, list[Part]]
     arrays: dict[str, np.ndarray] | None = None
+    coco: CocoSource | None = None
+
+    def columns(self) -> dict[str, str]:
+        return COCO_COLUMNS if self.coco else COLUMNS
 
     def image_format(self) -> dict[str, Any]:
         if self.arrays is None:
@@ -147,9 +202,13 @@ def plan_parts(
     return parts
 
 
-def plan(src: str, images_per_shard: int, kind: str = "imagefolder") -> Source:
+def plan(
+    src: str, images_per_shard: int, kind: str = "imagefolder", keep_empty_images: bool = False
+) -> Source:
     """Every split's parts of the ``kind`` dataset at ``src`` (an ImageFolder is listed once, a
-    CIFAR or SVHN release read into memory)."""
+    CIFAR or SVHN release read into memory, a COCO set's annotation files read and checked)."""
+    if kind == "coco":
+        return plan_coco(src, images_per_shard, keep_empty_images)
     if kind == "imagefolder":
         classes, train, val = imagefolder.scan(src)
         parts = {
@@ -178,9 +237,60 @@ def plan(src: str, images_per_shard: int, kind: str = "imagefolder") -> Source:
     return Source(kind, classes, parts, arrays)
 
 
-def pack_here(src: str, dst: str, images_per_shard: int, kind: str = "imagefolder") -> dict:
+def plan_coco(src: str, images_per_shard: int, keep_empty_images: bool) -> Source:
+    """The parts of a COCO set in COCO 2017's layout at ``src`` (``spec.COCO_LAYOUT``): each
+    image with the training targets ``coco.index`` gives it (no crowd regions, no degenerate
+    boxes). Training images left without boxes are packed only with ``keep_empty_images``, as
+    torchvision's recipe drops them; val keeps every image, as COCOeval scores them all."""
+    train_json, val_json, train_images, val_images = COCO_LAYOUT
+    train_doc, val_doc = coco.read(src, train_json), coco.read(src, val_json)
+    coco.same_categories(train_doc, val_doc)
+    coco.check_images(src, train_images, train_doc)
+    coco.check_images(src, val_images, val_doc)
+    categories = coco.Categories.of(train_doc)
+    parts, counts = {}, {}
+    for split, doc, folder, keep in (
+        ("train", train_doc, train_images, keep_empty_images),
+        ("val", val_doc, val_images, True),
+    ):
+        index = coco.index(doc, categories, keep)
+        counts[split] = index.counts
+        names = [name.decode() for name in index.file_names.tolist()]
+        targets = [
+            (
+                int(index.image_ids[i]),
+                int(index.sizes[i, 0]),
+                int(index.sizes[i, 1]),
+                tuple(index.boxes[index.offsets[i] : index.offsets[i + 1]].ravel().tolist()),
+                tuple(index.labels[index.offsets[i] : index.offsets[i + 1]].tolist()),
+            )
+            for i in range(len(index))
+        ]
+        parts[split] = [
+            Part(
+                split,
+                n,
+                names[start : start + images_per_shard],
+                [0] * len(names[start : start + images_per_shard]),
+                start,
+                folder=folder,
+                targets=tuple(targets[start : start + images_per_shard]),
+            )
+            for n, start in enumerate(range(0, len(names), images_per_shard))
+        ]
+    found = CocoSource(categories.as_list(), counts, keep_empty_images, val_doc.doc)
+    return Source("coco", list(categories.names), parts, coco=found)
+
+
+def pack_here(
+    src: str,
+    dst: str,
+    images_per_shard: int,
+    kind: str = "imagefolder",
+    keep_empty_images: bool = False,
+) -> dict:
     """`wrn-cluster data pack` without Ray: the unfinished parts one after the other, here."""
-    source = plan(src, images_per_shard, kind)
+    source = plan(src, images_per_shard, kind, keep_empty_images)
     for split_parts in source.parts.values():
         for part in split_parts:
             if not part_is_done(dst, part):
@@ -218,7 +328,7 @@ def _image_files(src: str, part: Part) -> Iterator[tuple[int, bytes | None]]:
     """(offset in the part, the file's bytes, or None if it cannot be read or decoded) of each
     image of an ImageFolder part, in order."""
     src_fs, src_root = filesystem(src)
-    split_root = join(src_root, part.split)
+    split_root = join(src_root, part.folder or part.split)
     for start in range(0, len(part.images), READ_AHEAD):
         # Many GETs in flight at once (s3fs runs a list's requests concurrently): on object
         # storage a part waits for the store's latency once per READ_AHEAD files.
@@ -246,15 +356,17 @@ def pack_part(src: str, dst: str, part: Part, pixels: np.ndarray | None = None) 
     with tempfile.TemporaryDirectory() as scratch:
         # One shard per part, up to MDS's limit (its offsets are 32-bit).
         with MDSWriter(
-            out=scratch, columns=COLUMNS, size_limit=MDS_LIMIT, hashes=["sha256"]
+            out=scratch,
+            columns=COCO_COLUMNS if part.targets else COLUMNS,
+            size_limit=MDS_LIMIT,
+            hashes=["sha256"],
         ) as writer:
             written = 0
             for offset, data in images:
                 if data is None:
                     left_out.append(part.images[offset])
                     continue
-                record = {"image": data, "label": part.labels[offset]}
-                writer.write({**record, "index": part.first_index + offset})
+                writer.write(part.record(offset, data))
                 written += 1
         index = json.loads(Path(scratch, "index.json").read_text())
         name = shard_name(part.number)
@@ -324,6 +436,25 @@ def finish(src: str, dst: str, source: Source, images_per_shard: int) -> dict[st
         "images_per_shard": images_per_shard,
         "splits": splits,
     }
+    if source.coco is not None:
+        left_out = set(splits["val"]["left_out_examples"])
+        if splits["val"]["left_out"] > len(left_out):  # the examples are cut at 20: all of them
+            left_out = {
+                name
+                for part in source.parts["val"]
+                for name in json.loads(fs.cat_file(part_record_path(root, "val", part.number)))[
+                    "left_out"
+                ]
+            }
+        val_doc = coco.only_images(source.coco.val_doc, left_out)
+        fs.makedirs(join(root, "annotations"), exist_ok=True)
+        fs.pipe_file(join(root, VAL_ANNOTATIONS), json.dumps(val_doc).encode())
+        manifest["coco"] = {
+            "categories": source.coco.categories,
+            "targets_left_out": source.coco.counts,
+            "empty_images": "kept" if source.coco.keep_empty_images else "left out",
+            "val_annotations": VAL_ANNOTATIONS,
+        }
     fs.pipe_file(join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -464,7 +595,9 @@ def check_layout(url: str, world: int, local_world: int, canonical_nodes: int) -
 
 
 def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: int, **options):
-    """Streaming's StreamingDataset over one split, caching shards in ``cache``."""
+    """Streaming's StreamingDataset over one split, caching shards in ``cache``; a shard whose
+    download keeps failing is retried with backoff, then read as unreadable samples
+    (``shard_fetch``)."""
     from streaming import StreamingDataset
 
     if url.startswith("file://") or "://" not in url:  # Streaming reads local paths, not file://
@@ -472,8 +605,7 @@ def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: i
     else:
         remote = join(url.rstrip("/"), split)
     return StreamingDataset(
-        remote=remote,
-        local=cache,
+        streams=[shard_fetch.RetryingStream(remote=remote, local=cache)],
         shuffle=shuffle,
         shuffle_seed=seed,
         batch_size=batch,
@@ -510,6 +642,8 @@ class ShardTransform:
 
     def __call__(self, record: dict[str, Any], epoch: int) -> tuple[torch.Tensor, int]:
         index = int(record["index"])
+        if not record["image"]:  # a skipped shard's sample (shard_fetch): counted, not decoded
+            return torch.zeros(self.shape or (3, self.size, self.size), dtype=torch.uint8), -1
         if self.shape is not None:  # uint8 pixels, as CIFAR and SVHN hold them
             image = torch.frombuffer(bytearray(record["image"]), dtype=torch.uint8)
             image = image.reshape(self.shape)
@@ -542,6 +676,7 @@ class ShardStream(IterableDataset):
         self.transform = transform
         self.canonical_nodes = canonical_nodes
         self.shared_epoch = SharedEpoch()
+        self.counts: dict[str, int] = {}  # what the pack left out of the split, if it says
 
     def set_epoch(self, epoch: int) -> None:
         self.shared_epoch.set(epoch)
@@ -603,6 +738,107 @@ class ShardSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with damaged_shards_named(self.url):
             return self.transform(self.stream.get_item(index), 0)
+
+
+def _splits(
+    url: str,
+    manifest: dict[str, Any],
+    cache: str,
+    cache_limit: str | None,
+    canonical_nodes: int,
+    seed: int,
+    per_worker_batch: int,
+    adopt: bool,
+) -> tuple[Any, Any]:
+    """Streaming's datasets of the train split (shuffled by ``seed`` over ``canonical_nodes``,
+    at most ``cache_limit`` cached) and the val split, in ``cache``; with ``adopt``, the whole
+    shards of the job's earlier attempts move in first (``adopt_earlier_attempts``)."""
+    if adopt:
+        adopt_earlier_attempts(cache, manifest)
+    with one_registration_at_a_time():
+        train = _stream(
+            url,
+            "train",
+            os.path.join(cache, "train"),
+            True,
+            seed,
+            per_worker_batch,
+            num_canonical_nodes=canonical_nodes,
+            cache_limit=cache_limit,
+        )
+        val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+    return train, val
+
+
+class DetectionRecord:
+    """A COCO record as the files reader's item (``coco.item``): (uint8 [3, H, W] at its own
+    size, target), flipped with its boxes by the generator of (seed, epoch, index)."""
+
+    def __init__(self, url: str, flip: bool, seed: int) -> None:
+        self.url = url
+        self.flip = flip
+        self.seed = seed
+
+    def __call__(self, record: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict]:
+        index = int(record["index"])
+        boxes = np.frombuffer(record["boxes"], dtype="<f4").reshape(-1, 4)
+        labels = np.frombuffer(record["labels"], dtype="<i8")
+        return coco.item(
+            record["image"] or None,  # a skipped shard's records hold no bytes
+            (int(record["height"]), int(record["width"])),
+            torch.from_numpy(boxes.copy()),
+            torch.from_numpy(labels.copy()),
+            int(record["image_id"]),
+            f"{self.url} sample {index}",
+            item_generator(self.seed, epoch, index) if self.flip else None,
+        )
+
+
+def detection_facts(manifest: dict[str, Any], url: str) -> dict[str, Any]:
+    """The ``coco`` part of a packed COCO set's manifest; DataError if it is not one."""
+    if manifest.get("kind") != "coco" or "coco" not in manifest:
+        raise DataError(
+            f"{url}: the shards hold a {manifest.get('kind')} dataset, not COCO; pack the COCO "
+            "set with `wrn-cluster data pack SRC DST --dataset coco`"
+        )
+    return manifest["coco"]
+
+
+def build_detection(
+    url: str,
+    *,
+    flip: bool,
+    seed: int,
+    per_worker_batch: int,
+    cache: str,
+    cache_limit: str | None,
+    canonical_nodes: int,
+    adopt: bool = False,
+) -> tuple[ShardStream, ShardSplit, coco.Categories, dict[str, Any]]:
+    """(train stream, val split, categories, the val annotation file for COCOeval) of the
+    packed COCO set at ``url``, as ``build`` (its shards cached under ``cache``) and as
+    ``coco.build`` gives them for files. The train stream's ``counts`` are the pack's counts
+    of what the training targets left out (crowd regions, degenerate boxes, empty images)."""
+    manifest = read_manifest(url)
+    facts = detection_facts(manifest, url)
+    train, val = _splits(
+        url, manifest, cache, cache_limit, canonical_nodes, seed, per_worker_batch, adopt
+    )
+    fs, root = filesystem(url)
+    try:
+        val_doc = json.loads(fs.cat_file(join(root, facts["val_annotations"])))
+    except FileNotFoundError:
+        raise DataError(
+            f"{url}/{facts['val_annotations']}: the val annotations are missing; {PACK_AGAIN}"
+        ) from None
+    ordered = sorted(facts["categories"], key=lambda c: c["id"])
+    categories = coco.Categories(tuple(c["id"] for c in ordered), tuple(c["name"] for c in ordered))
+    stream = ShardStream(url, train, DetectionRecord(url, flip, seed), canonical_nodes)
+    stream.counts = {
+        **facts["targets_left_out"]["train"],
+        "images": manifest["splits"]["train"]["samples"],
+    }
+    return stream, ShardSplit(url, val, DetectionRecord(url, False, seed)), categories, val_doc
 
 
 def adopt_earlier_attempts(cache: str, manifest: dict[str, Any]) -> None:
@@ -706,20 +942,9 @@ def build(
     then ``policy``; validation takes a centre ``eval_size`` (``size`` if None) after a resize to
     ``eval_resize``, as ``imagefolder.build`` (CIFAR's and SVHN's pixels stay as they are)."""
     manifest = read_manifest(url)
-    if adopt:
-        adopt_earlier_attempts(cache, manifest)
-    with one_registration_at_a_time():
-        train = _stream(
-            url,
-            "train",
-            os.path.join(cache, "train"),
-            True,
-            seed,
-            per_worker_batch,
-            num_canonical_nodes=canonical_nodes,
-            cache_limit=cache_limit,
-        )
-        val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+    train, val = _splits(
+        url, manifest, cache, cache_limit, canonical_nodes, seed, per_worker_batch, adopt
+    )
     image_format = manifest.get("image", FILE_BYTES)
     eval_size = eval_size or size
     train_resize = round(eval_resize * size / eval_size)  # as imagefolder.build

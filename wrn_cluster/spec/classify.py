@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from wrn_cluster.spec.datasets import DATASET_FACTS
 from wrn_cluster.spec.names import parse_name
@@ -17,8 +16,8 @@ from wrn_cluster.spec.sections import (
     OptimizerSection,
     ScheduleSection,
     Section,
+    ShardedData,
     TrackingSection,
-    absolute_if_local,
 )
 
 
@@ -96,37 +95,7 @@ class ClassifyOptimizer(OptimizerSection):
     )
 
 
-class ClassifyData(DataSection):
-    format: Literal["files", "shards"] = Field(
-        "files",
-        description="files: the dataset as its own files; shards: packed by `wrn-cluster data "
-        "pack`, streamed from its URL.",
-    )
-    shard_cache: str | None = Field(
-        None,
-        description="Each node's folder for streamed shards; <temp dir>/wrn-cluster-shards if "
-        "unset.",
-    )
-    shard_cache_limit: str | None = Field(
-        None,
-        description="Most bytes of training shards one job keeps on a node, e.g. 200gb; "
-        "unbounded if unset.",
-    )
-    _absolute_cache = field_validator("shard_cache")(absolute_if_local)
-
-    @field_validator("shard_cache_limit")
-    @classmethod
-    def _a_size(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\d+(\.\d+)?\s*[kmgt]?b", value.lower()):
-            raise ValueError(f"{value!r} is not a size; write it like 500mb, 200gb or 2tb")
-        return value  # data.shards.size_in_bytes reads it as Streaming does
-
-    canonical_nodes: int = Field(
-        8,
-        ge=1,
-        description="Streaming's canonical node count: with the seed it fixes the shards' "
-        "sample order; keep it for the life of a job.",
-    )
+class ClassifyData(DataSection, ShardedData):
     augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
     eval_size: int | None = Field(
         None,

@@ -16,6 +16,7 @@ from wrn_cluster.spec.sections import (
     OptimizerSection,
     ScheduleSection,
     Section,
+    ShardedData,
     TrackingSection,
     absolute_if_local,
 )
@@ -82,9 +83,16 @@ class SynthCocoSection(Section):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
 
 
-class DetectData(Section):
+LAYOUT_FIELDS = ("train_annotations", "val_annotations", "train_images", "val_images")
+
+
+class DetectData(ShardedData):
     dataset: Literal["coco"] = "coco"
-    url: str = Field(..., description="fsspec URL of a COCO root (images + annotations).")
+    url: str = Field(
+        ...,
+        description="fsspec URL of a COCO root (images + annotations), or of its shards (format: "
+        "shards).",
+    )
     train_annotations: str = COCO_LAYOUT[0]
     val_annotations: str = COCO_LAYOUT[1]
     train_images: str = COCO_LAYOUT[2]
@@ -94,10 +102,14 @@ class DetectData(Section):
     max_size: int = Field(1333, ge=32, description="Cap on the longer side after resizing.")
     flip: bool = Field(True, description="Horizontal flip (boxes move with it) in training.")
     keep_empty_images: bool = Field(
-        False, description="Train on images without boxes too (torchvision drops them)."
+        False,
+        description="Train on images without boxes too (torchvision drops them); shards hold "
+        "them only when packed with --keep-empty-images.",
     )
-    group_aspect_ratio: bool = Field(
-        True, description="Batch wide images with wide, tall with tall (less padding)."
+    group_aspect_ratio: bool | None = Field(
+        None,
+        description="Batch wide images with wide, tall with tall (less padding); on for files "
+        "if unset; shards come in Streaming's order, so never for them.",
     )
     loader_workers: int = Field(2, ge=0)
     synthesize: SynthCocoSection | None = Field(
@@ -105,6 +117,11 @@ class DetectData(Section):
     )
 
     _absolute_url = field_validator("url")(absolute_if_local)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether training batches are aspect-ratio groups: the files reader's default."""
+        return self.format == "files" and self.group_aspect_ratio is not False
 
     @field_validator("train_annotations", "val_annotations", "train_images", "val_images")
     @classmethod
@@ -176,6 +193,25 @@ class DetectJob(JobBase[DetectModel, DetectData, DetectOptimizer, DetectSchedule
                 "a frozen BatchNorm of a backbone trained from scratch normalizes nothing; "
                 "set model.backbone_weights or frozen_bn: false",
             )
+        if self.data.format == "shards":
+            for name, default in zip(LAYOUT_FIELDS, COCO_LAYOUT, strict=True):
+                if getattr(self.data, name) != default:
+                    raise FieldError(
+                        f"data.{name}",
+                        "packed shards carry their images and annotations (`wrn-cluster data pack "
+                        "--dataset coco` read them); remove it, or set data.format: files",
+                    )
+            if self.data.synthesize is not None:
+                raise FieldError(
+                    "data.synthesize",
+                    "synthetic data is written as files; remove it, or pack the files first",
+                )
+            if self.data.group_aspect_ratio:
+                raise FieldError(
+                    "data.group_aspect_ratio",
+                    "shards are read in Streaming's order, which aspect-ratio groups would change; "
+                    "set it to false, or data.format: files",
+                )
         if self.data.min_size > self.data.max_size:
             raise FieldError(
                 "data.min_size",

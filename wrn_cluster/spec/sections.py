@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Generic, Literal, Protocol, TypeVar
 from urllib.parse import unquote
@@ -47,6 +48,9 @@ class FieldError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # pickled whole (Ray sends errors)
+        return (type(self), (self.field, self.message))
 
 
 def absolute_if_local(url: str | None) -> str | None:
@@ -122,6 +126,42 @@ class DataSection(Section):
 
     def mean_std(self) -> MeanStd:
         return DATASET_FACTS[self.dataset].mean_std
+
+
+class ShardedData(Section):
+    """How a dataset is read: as its own files, or packed into shards (`wrn-cluster data
+    pack`) that each node streams into a bounded cache. Classification and detection share it."""
+
+    format: Literal["files", "shards"] = Field(
+        "files",
+        description="files: the dataset as its own files; shards: packed by `wrn-cluster data "
+        "pack`, streamed from its URL.",
+    )
+    shard_cache: str | None = Field(
+        None,
+        description="Each node's folder for streamed shards; <temp dir>/wrn-cluster-shards if "
+        "unset.",
+    )
+    shard_cache_limit: str | None = Field(
+        None,
+        description="Most bytes of training shards one job keeps on a node, e.g. 200gb; "
+        "unbounded if unset.",
+    )
+    canonical_nodes: int = Field(
+        8,
+        ge=1,
+        description="Streaming's canonical node count: with the seed it fixes the shards' "
+        "sample order; keep it for the life of a job.",
+    )
+
+    _absolute_cache = field_validator("shard_cache")(absolute_if_local)
+
+    @field_validator("shard_cache_limit")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?\s*[kmgt]?b", value.lower()):
+            raise ValueError(f"{value!r} is not a size; write it like 500mb, 200gb or 2tb")
+        return value  # data.shards.size_in_bytes reads it as Streaming does
 
 
 class OptimizerSection(Section):

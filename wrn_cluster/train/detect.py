@@ -17,16 +17,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 
 from wrn_cluster import data
 from wrn_cluster.data import coco
+from wrn_cluster.data.shards import ShardStream
 from wrn_cluster.models import build_detector
 from wrn_cluster.models import detection as detection_models
 from wrn_cluster.spec import DetectJob
-from wrn_cluster.train import checkpoint, metrics, optim, precision
+from wrn_cluster.train import checkpoint, metrics, optim, order, precision
 from wrn_cluster.train.classify import Parts
-from wrn_cluster.train.order import ResumableBatches, loader_generator
+from wrn_cluster.train.order import ResumableBatches, StreamBatches, loader_generator
 
 LOSSES = metrics.DETECTION_LOSSES
 SUMS = metrics.DETECT_SUMS
@@ -82,7 +83,10 @@ class DetectStep:
 
 
 def parts(spec: DetectJob, rank: int, device: torch.device) -> Parts:
-    train_set, val_set, categories, val_truth = data.build_detection_datasets(spec)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    attempt = order.attempt_token(world) if spec.data.format == "shards" else "0"
+    train_set, val_set, categories, val_truth = data.build_detection_datasets(spec, attempt, world)
+    counts = train_set.counts if isinstance(train_set, ShardStream) else train_set.split.counts
     weights = None
     if spec.model.backbone_weights:
         weights = checkpoint.read_weights(spec.model.backbone_weights, spec.model.arch)
@@ -96,7 +100,7 @@ def parts(spec: DetectJob, rank: int, device: torch.device) -> Parts:
         model.to(device, memory_format=layout),
         categories.num_classes,
         {"categories": categories.as_list(), "detector": options},
-        params={f"data.train.{k}": v for k, v in train_set.split.counts.items()},
+        params={f"data.train.{k}": v for k, v in counts.items()},
         val_truth=(categories, val_truth if rank == 0 else None),  # only rank 0 scores
     )
 
@@ -115,12 +119,12 @@ def step(spec: DetectJob, model: nn.Module, device: torch.device) -> DetectStep:
 
 def loaders(
     spec: DetectJob,
-    train_set: coco.CocoDetection,
-    val_set: coco.CocoDetection,
+    train_set: coco.CocoDetection | ShardStream,
+    val_set: Dataset,
     rank: int,
     world: int,
     device: torch.device,
-) -> tuple[ResumableBatches, DataLoader, DataLoader]:
+) -> tuple[ResumableBatches | StreamBatches, DataLoader, DataLoader]:
     """(the train loader's batches, train loader, val loader) for this rank; batches are lists
     of images."""
     workers = spec.data.loader_workers
@@ -132,13 +136,18 @@ def loaders(
         "generator": loader_generator(spec.seed, rank),
     }
     batch = spec.worker_batch(world)  # equal shares: the spec refuses uneven ones here
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
-    batches = ResumableBatches(
-        coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)
-        if spec.data.group_aspect_ratio
-        else BatchSampler(sampler, batch, drop_last=False)
-    )
-    train_loader = DataLoader(train_set, batch_sampler=batches, **options)
+    batches: ResumableBatches | StreamBatches
+    if isinstance(train_set, ShardStream):  # the stream orders and splits the epoch itself
+        batches = StreamBatches(train_set, batch, rank, world, workers)
+        train_loader = DataLoader(train_set, batch_size=batch, **options)
+    else:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=spec.seed)
+        batches = ResumableBatches(
+            coco.GroupedBatchSampler(sampler, train_set.split.wide(), batch)
+            if spec.data.grouped
+            else BatchSampler(sampler, batch, drop_last=False)
+        )
+        train_loader = DataLoader(train_set, batch_sampler=batches, **options)
     # Each rank detects on a disjoint slice; rank 0 scores the union.
     val_slice = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_slice, batch_size=batch, **options)

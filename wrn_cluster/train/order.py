@@ -254,7 +254,7 @@ def order_facts(spec: Any, world: int) -> dict[str, Any]:
         facts["repeats"] = augmentation.repeats
     if facts["reader"] == "shards":
         facts["canonical_nodes"] = spec.data.canonical_nodes
-    if getattr(spec.data, "group_aspect_ratio", False):
+    if getattr(spec.data, "grouped", False):
         facts["grouped"] = True  # detection: each rank regroups its own share
     return facts
 
