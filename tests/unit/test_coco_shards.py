@@ -186,3 +186,12 @@ def test_keep_empty_images_is_for_coco_only(tmp_path):
             kind="cifar10",
             keep_empty_images=True,
         )
+
+
+def test_a_skipped_shards_coco_sample_is_a_skipped_image_without_boxes():
+    from wrn_cluster.data.shard_fetch import _unreadable
+
+    record = {name: _unreadable(name, kind) for name, kind in shards.COCO_COLUMNS.items()}
+    image, target = shards.DetectionRecord("s3://d", flip=True, seed=3)(record, 1)
+    assert target["skipped"] and image.dtype == torch.uint8 and image.shape[0] == 3
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
