@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,35 @@ def test_a_skipped_shards_sample_is_an_unreadable_image_of_the_readers_size(imag
     transform = shards.ShardTransform("s3://d", 32, 36, augment, 0, image_format)
     image, label = transform({"image": b"", "label": -1, "index": -1}, 3)
     assert label == -1 and torch.equal(image, torch.zeros(3, 32, 32, dtype=torch.uint8))
+
+
+def test_shards_read_ahead_give_the_epoch_unchanged_and_are_still_checked(
+    cifar_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(shard_fetch, "READ_AHEAD", 0)
+    plain, _, _ = build(cifar_shards, tmp_path / "plain")
+    expected = shard_epoch(plain)
+    assert plain.stream.streams[0].taken_ahead == 0
+    monkeypatch.setattr(shard_fetch, "READ_AHEAD", 2)
+    ahead, _, _ = build(cifar_shards, tmp_path / "ahead")
+    got = shard_epoch(ahead)
+    assert [index for *_, index in got] == [index for *_, index in expected]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(got, expected, strict=True))
+    assert ahead.stream.streams[0].taken_ahead > 0  # some shard came from the read-ahead
+    cached = tmp_path / "ahead" / "train"
+    assert sorted(p.name for p in cached.glob("*.mds")) == sorted(
+        p.name for p in (cifar_shards / "train").glob("*.mds")
+    )
+    assert list(cached.glob(f"*{shard_fetch.AHEAD}*")) == []  # every shard read was taken
+
+    # A shard read ahead is checked against its SHA-256 as one Streaming downloads.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cifar_shards, damaged)
+    shard = damaged / "train" / "shard.00003.mds"  # the last: read ahead of some other
+    data = bytearray(shard.read_bytes())
+    data[-50:] = bytes(50)
+    shard.write_bytes(bytes(data))
+    train, _, _ = build(damaged, tmp_path / "damaged-cache")
+    train.start_epoch(0, 0)
+    with pytest.raises(shards.DataError, match="shard.00003.mds: the shard does not match its SHA"):
+        list(train)

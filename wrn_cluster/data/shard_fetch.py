@@ -13,16 +13,28 @@ bad moment: that still stops the read with its name (``shards.damaged_shards_nam
 The substitute stays in this attempt's cache until Streaming evicts it (``cache_limit``); a
 restarted attempt downloads the shard again (``shards.adopt_earlier_attempts`` adopts only
 shards of the manifest's size).
+
+Read-ahead: Streaming downloads one shard at a time per reader process, when its walk through
+the epoch's order first needs it, so the first batches of an epoch wait for one download after
+another (every shard of a shuffle block is needed early). ``RetryingStream`` starts fetching the
+``READ_AHEAD`` shards that follow a shard by number whenever Streaming asks for one: the shards
+of a canonical node's span are consecutive and shuffled together, so those are needed soon. A
+fetched shard waits beside its place (``.ahead``) until Streaming asks for it, and is then
+checked (SHA-256) and counted in the cache as a download of Streaming's own; a shard asked for
+while its fetch runs waits for that fetch instead of starting another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,6 +46,28 @@ JITTER = 0.25  # each wait is longer by up to this share, so nodes do not retry 
 UNREADABLE = {"image": b"", "label": -1, "index": -1}  # what a skipped sample's columns hold
 TEXT_VALUES = {"bytes": b"", "str": "", "json": None, "pkl": None}  # other columns' harmless values
 SUBSTITUTE_LIMIT = (1 << 32) - 1  # one MDS file for the whole substitute (MDS offsets are 32-bit)
+READ_AHEAD = 4  # shards fetched at once ahead of the one Streaming asks for (0: none)
+AHEAD = ".ahead"  # a fetched shard's name beside its place, until Streaming asks for it
+
+
+class _Fetches:
+    """This process's read-ahead: its threads and the shards they are fetching (cache path ->
+    an event set when the fetch ends). A forked loader process makes its own."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max(1, READ_AHEAD), thread_name_prefix="shard-ahead")
+        self.running: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+
+_fetches: dict[int, _Fetches] = {}
+
+
+def _this_process() -> _Fetches:
+    pid = os.getpid()
+    if pid not in _fetches:
+        _fetches[pid] = _Fetches()
+    return _fetches[pid]
 
 
 class SubstituteError(RuntimeError):
@@ -67,12 +101,21 @@ class ShardRetries:
         local: str,
         backoff_s: Sequence[float] | None = None,
         jitter: float | None = None,
+        read_ahead: int | None = None,
         **options: Any,
     ) -> None:
         # One Streaming attempt per try: the backoff here is the retry policy.
         super().__init__(remote=remote, local=local, download_retry=1, **options)
         self.backoff_s = tuple(BACKOFF_S if backoff_s is None else backoff_s)
         self.jitter = JITTER if jitter is None else jitter
+        self.read_ahead = READ_AHEAD if read_ahead is None else read_ahead
+        self.shard_list: list[Any] = []  # this stream's shards, in their order (get_shards)
+        self.taken_ahead = 0  # shards this process's Streaming took from the read-ahead
+
+    def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Any]:
+        """Streaming's shard readers of this stream, kept for the read-ahead."""
+        self.shard_list = super().get_shards(world, allow_unsafe_types)  # type: ignore[misc]
+        return self.shard_list
 
     # -- the adapter over Streaming's private download --------------------------------------
 
@@ -82,7 +125,12 @@ class ShardRetries:
 
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
         """Streaming's download of a file (the index or a shard), tried again after each wait
-        of ``backoff_s``; the last try's error is raised."""
+        of ``backoff_s``; the last try's error is raised. A shard the read-ahead fetched (or
+        is fetching) is taken from there."""
+        if to_basename is None:
+            fetched = self.take_fetched(from_basename)
+            if fetched is not None:
+                return fetched
         for wait in self.backoff_s:
             try:
                 return self._download_once(from_basename, to_basename)
@@ -96,12 +144,68 @@ class ShardRetries:
             time.sleep(wait * (1 + random.random() * self.jitter))
         return self._download_once(from_basename, to_basename)
 
+    # -- read-ahead ----------------------------------------------------------------------
+
+    def fetch_ahead(self, shard: Any) -> None:
+        """Start fetching the ``read_ahead`` shards after ``shard`` (by number) that are not
+        in the cache, fetched or being fetched."""
+        if not self.read_ahead or not self.remote or self.remote == self.local:
+            return
+        number = next((n for n, s in enumerate(self.shard_list) if s is shard), None)
+        if number is None:
+            return
+        fetches = _this_process()
+        for following in self.shard_list[number + 1 : number + 1 + self.read_ahead]:
+            if len(following.file_pairs) != 1 or following.file_pairs[0][1] is not None:
+                continue  # split or zipped shards: Streaming's own way
+            basename = following.file_pairs[0][0].basename
+            place = os.path.join(self.local, self.split, basename)
+            with fetches.lock:
+                if place in fetches.running or os.path.exists(place + AHEAD):
+                    continue
+                if os.path.exists(place):
+                    continue
+                fetches.running[place] = threading.Event()
+            fetches.pool.submit(self._fetch, basename, place)
+
+    def _fetch(self, basename: str, place: str) -> None:
+        """One try at ``basename`` into ``place`` + AHEAD (the shard, when asked for, is tried
+        again with backoff if this fails)."""
+        fetches = _this_process()
+        side = f"{basename}{AHEAD}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            os.replace(self._download_once(basename, side), place + AHEAD)
+        except Exception as error:  # the request for the shard itself will retry and say
+            log.debug("reading %s ahead failed: %s", self.where(basename), error)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.local, self.split, side))
+        finally:
+            with fetches.lock:
+                fetches.running.pop(place).set()
+
+    def take_fetched(self, basename: str) -> str | None:
+        """The cache path of ``basename`` if the read-ahead fetched it (waiting for a fetch that
+        runs), else None."""
+        place = os.path.join(self.local, self.split, basename)
+        fetches = _this_process()
+        with fetches.lock:
+            running = fetches.running.get(place)
+        if running is not None:
+            running.wait(self.download_timeout)
+        try:
+            os.replace(place + AHEAD, place)
+        except FileNotFoundError:
+            return None
+        self.taken_ahead += 1
+        return place
+
     # -- a shard that cannot be downloaded -------------------------------------------------
 
     def prepare_shard(self, shard: Any) -> int:
         """Streaming's preparation of ``shard`` (download and SHA-256 check); if every try of
         its download fails, a substitute of unreadable samples in its place. Returns the change
-        in cache usage, as Streaming counts it."""
+        in cache usage, as Streaming counts it. The next shards are fetched meanwhile."""
+        self.fetch_ahead(shard)
         try:
             return super().prepare_shard(shard)  # type: ignore[misc]
         except Exception as error:
