@@ -5,6 +5,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import ExitStack, suppress
@@ -191,6 +193,28 @@ def kill_a_worker_after_first_checkpoint(run_dir: Path, proc) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def submit_killing_a_worker(
+    job: dict, spec_file: Path, run_dir: Path, env: dict | None = None
+) -> tuple[bool, int, str]:
+    """`wrn-cluster submit` of ``job`` (written to ``spec_file``) on an embedded Ray of 4
+    logical CPUs, one of its training workers SIGKILLed once the run in ``run_dir`` has its
+    first checkpoint: (whether one was killed, the exit code, the output)."""
+    spec_file.write_text(yaml.safe_dump(job))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {}), "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    )
+    try:
+        killed = kill_a_worker_after_first_checkpoint(run_dir, proc)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    return killed, proc.returncode, output
 
 
 def cmdline(process: psutil.Process) -> list[str]:

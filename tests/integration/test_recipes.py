@@ -4,16 +4,13 @@ name active and each read as its job reads ImageNet (the V2 recipe from files, t
 packed shards); a run whose worker is SIGKILLed inside an epoch resumes to the same final
 weights, the weights' moving average (EMA) included, as an uninterrupted one."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.util import as_spec, final_state, kill_a_worker_after_first_checkpoint
+from tests.util import as_spec, final_state, submit_killing_a_worker
 from tests.util import digits as digits
 from wrn_cluster import driver
 from wrn_cluster.data import shards
@@ -89,21 +86,10 @@ def test_a_recipe_runs_with_every_option_and_resumes_after_a_sigkill_to_the_same
         assert 0.0 <= result.metrics[key] <= (1.0 if "top1" in key else 50.0), result.metrics
 
     faulty = tiny(job_file, source, tmp_path / "faulty", "faulty")
-    spec_file = tmp_path / "faulty.yaml"
-    spec_file.write_text(yaml.safe_dump(faulty))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    killed, returncode, output = submit_killing_a_worker(
+        faulty, tmp_path / "faulty.yaml", tmp_path / "faulty" / "faulty"
     )
-    try:
-        killed = kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
-    assert killed and proc.returncode == 0, output
+    assert killed and returncode == 0, output
     resumed, uninterrupted = (
         final_state(tmp_path / "faulty", "faulty"),
         final_state(tmp_path / "ref", "ref"),

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from tests.unit.test_detection import as_spec as as_detect_spec
 from tests.unit.test_detection import detect_job
@@ -21,7 +20,7 @@ from tests.util import (
     as_spec,
     digits_job,
     final_state,
-    kill_a_worker_after_first_checkpoint,
+    submit_killing_a_worker,
 )
 from tests.util import digits as digits
 from wrn_cluster import driver
@@ -153,22 +152,11 @@ def test_a_worker_sigkilled_inside_an_epoch_of_shards_resumes_to_identical_weigh
         tmp_path,
         checkpoint={"max_failures": 2, "every_steps": 10},
     )
-    spec_file = tmp_path / "faulty.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **s3_env, "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    killed, returncode, output = submit_killing_a_worker(
+        job, tmp_path / "faulty.yaml", tmp_path / "runs" / "shards-faulty", s3_env
     )
-    try:
-        killed = kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "shards-faulty", proc)
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
     assert killed, output
-    assert proc.returncode == 0, output
+    assert returncode == 0, output
     where = re.search(r"\[shards-faulty\] resumed in epoch (\d)/4 after (\d+) samples", output)
     assert where, output
     resumed, uninterrupted = (

@@ -18,7 +18,7 @@ from tests.util import (
     as_spec,
     digits_job,
     final_state,
-    kill_a_worker_after_first_checkpoint,
+    submit_killing_a_worker,
     wait_until,
 )
 from tests.util import digits as digits
@@ -88,23 +88,12 @@ def test_a_worker_sigkilled_inside_an_epoch_resumes_from_its_step_with_identical
         **DETERMINISTIC,
     )
     job["checkpoint"]["storage"] = str(tmp_path / "faulty")
-    spec_file = tmp_path / "faulty.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wrn_cluster.cli", "submit", str(spec_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "WRN_CLUSTER_LOCAL_CPUS": "4"},
+    # The first checkpoint Ray Train registers is a step checkpoint of the first epoch.
+    killed, returncode, output = submit_killing_a_worker(
+        job, tmp_path / "faulty.yaml", tmp_path / "faulty" / "faulty"
     )
-    try:
-        # The first checkpoint Ray Train registers is a step checkpoint of the first epoch.
-        killed = kill_a_worker_after_first_checkpoint(tmp_path / "faulty" / "faulty", proc)
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
     assert killed, output
-    assert proc.returncode == 0, output
+    assert returncode == 0, output
 
     resumed, uninterrupted = (
         final_state(tmp_path / "faulty", "faulty"),

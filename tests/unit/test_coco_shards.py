@@ -195,3 +195,17 @@ def test_a_skipped_shards_coco_sample_is_a_skipped_image_without_boxes():
     image, target = shards.DetectionRecord("s3://d", flip=True, seed=3)(record, 1)
     assert target["skipped"] and image.dtype == torch.uint8 and image.shape[0] == 3
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_packing_a_folder_without_cocos_layout_names_what_is_missing(tmp_path):
+    write_coco(str(tmp_path / "src"), images=6, size=48, seed=1)
+    (tmp_path / "src" / "annotations" / "instances_val2017.json").unlink()
+    with pytest.raises(DataError) as caught:
+        shards.pack_here(str(tmp_path / "src"), str(tmp_path / "dst"), 8, "coco")
+    assert str(caught.value) == (
+        f"{tmp_path / 'src'}/annotations/instances_val2017.json: not there; `data pack --dataset "
+        "coco` reads COCO 2017's layout (annotations/instances_train2017.json, "
+        "annotations/instances_val2017.json, train2017, val2017): point SRC at the folder that "
+        "holds it"
+    )
+    assert not (tmp_path / "dst").exists()  # nothing written

@@ -243,6 +243,13 @@ def plan_coco(src: str, images_per_shard: int, keep_empty_images: bool) -> Sourc
     boxes). Training images left without boxes are packed only with ``keep_empty_images``, as
     torchvision's recipe drops them; val keeps every image, as COCOeval scores them all."""
     train_json, val_json, train_images, val_images = COCO_LAYOUT
+    fs, root = filesystem(src)
+    missing = [path for path in COCO_LAYOUT if not fs.exists(join(root, path))]
+    if missing:
+        raise DataError(
+            f"{src.rstrip('/')}/{missing[0]}: not there; `data pack --dataset coco` reads COCO "
+            f"2017's layout ({', '.join(COCO_LAYOUT)}): point SRC at the folder that holds it"
+        )
     train_doc, val_doc = coco.read(src, train_json), coco.read(src, val_json)
     coco.same_categories(train_doc, val_doc)
     coco.check_images(src, train_images, train_doc)
