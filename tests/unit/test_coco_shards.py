@@ -145,8 +145,29 @@ def test_classification_shards_are_refused_for_a_detection_job(tmp_path):
 
     write_cifar10(tmp_path / "src", 4)
     shards.pack_here(str(tmp_path / "src"), str(tmp_path / "dst"), 50, "cifar10")
-    with pytest.raises(DataError, match="packed from a cifar10 dataset, but data.dataset is coco"):
+    with pytest.raises(DataError) as caught:
         data.prepare(shards_spec(tmp_path / "dst"))
+    assert str(caught.value) == (
+        f"{tmp_path / 'dst'}: the shards hold a cifar10 dataset, not COCO; pack the COCO set "
+        "with `wrn-cluster data pack SRC DST --dataset coco`"
+    )
+
+
+def test_a_missing_or_broken_val_annotation_file_is_refused_before_training(packed, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed[0] / "dst", copy)
+    val = copy / shards.VAL_ANNOTATIONS
+    val.write_text("{not json")
+    with pytest.raises(DataError, match=r"annotations/val.json: not JSON \(.*\); pack the dataset"):
+        data.prepare(shards_spec(copy))
+    val.unlink()
+    with pytest.raises(DataError) as caught:
+        data.prepare(shards_spec(copy))
+    assert str(caught.value).startswith(
+        f"{copy}/annotations/val.json: the val annotations are missing; pack the dataset again"
+    )
 
 
 @pytest.mark.parametrize(

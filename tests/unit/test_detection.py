@@ -374,3 +374,32 @@ def test_detect_spec_defaults_are_torchvisions_recipe():
 def test_detect_spec_refuses_what_cannot_train(change, message):
     with pytest.raises(SpecError, match=message.replace(".", r"\.")):
         parse(f"kind: detect\nname: d\ndata: {{url: /coco}}\n{change}\n")
+
+
+def test_an_image_that_could_not_be_read_is_left_out_of_cocoeval_and_counted(shapes):
+    from wrn_cluster.train.detect import score
+
+    class OneBoxEverywhere(torch.nn.Module):
+        def forward(self, images):
+            return [
+                {
+                    "boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]),
+                    "scores": torch.tensor([0.9]),
+                    "labels": torch.tensor([1]),
+                }
+                for _ in images
+            ]
+
+    _, val, categories, truth = coco.build(as_spec(detect_job(shapes)))
+    image, target = val[0]
+    # A skipped shard's sample carries no image id of the set (shard_fetch's substitute: 0).
+    unread = {**target, "image_id": 0, "skipped": True}
+    found = score(
+        OneBoxEverywhere(),
+        [([image, image], [target, unread])],
+        categories,
+        truth,
+        "fp32",
+        torch.device("cpu"),
+    )
+    assert found["skipped_images"] == 1 and 0.0 <= found["AP"] <= 1.0

@@ -100,6 +100,50 @@ def test_a_shard_that_cannot_be_downloaded_is_retried_then_read_as_unreadable_sa
     assert f"skipping shard {remote}/train/shard.00001.mds: 4 tries failed" in message
     assert "its 30 samples are counted as skipped images" in message
 
+    # Back in the store: the next epoch's start evicts the substitute, and the shard is read.
+    (remote / "train" / "shard.00001.mds").write_bytes(
+        (cifar_shards / "train" / "shard.00001.mds").read_bytes()
+    )
+    train.start_epoch(1, 0)
+    again = list(train)
+    assert [label for _, label in again] == [label for _, label, _ in shard_epoch(reference, 1)]
+    assert not list((tmp_path / "cache" / "train").glob(f"*{shard_fetch.SKIPPED}"))
+
+
+def test_a_reader_that_skips_more_than_its_share_of_shards_stops_with_the_store_named(
+    cifar_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(shard_fetch, "BACKOFF_S", SHORT_BACKOFF_S)
+    remote = tmp_path / "remote"
+    shutil.copytree(cifar_shards, remote)
+    for gone in ("shard.00001.mds", "shard.00002.mds"):  # 2 of 4: one may be skipped
+        (remote / "train" / gone).unlink()
+    train, _, _ = build(remote, tmp_path / "cache")
+    train.start_epoch(0, 0)
+    with pytest.raises(shards.DataError) as caught:
+        list(train)
+    message = str(caught.value)
+    assert "2 of 4 shards could not be read, each after 4 tries" in message, message
+    assert message.endswith(
+        "check the store and its credentials, then submit the job again (it resumes from its "
+        "last checkpoint)"
+    )
+
+
+def test_shards_are_read_ahead_only_where_each_is_read_and_fits(cifar_shards, monkeypatch):
+    manifest = shards.read_manifest(str(cifar_shards))
+    train_bytes = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert shards.read_ahead_here(manifest, "train", None) == shard_fetch.READ_AHEAD
+    assert shards.read_ahead_here(manifest, "train", f"{train_bytes}b") == shard_fetch.READ_AHEAD
+    assert shards.read_ahead_here(manifest, "train", f"{train_bytes - 1}b") == 0  # evicts
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes: each reads part of the split
+    assert shards.read_ahead_here(manifest, "train", None) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert shards.read_ahead_here(manifest, "train", None) == shard_fetch.READ_AHEAD
+
 
 @pytest.mark.parametrize(
     "image_format", [shards.FILE_BYTES, {"encoding": "raw", "shape": [3, 32, 32]}]

@@ -66,6 +66,8 @@ def prepare(spec: ClassifyJob | DetectJob, write: bool = True) -> Prepared:
     data = spec.data
     with _reading(data.url):
         if data.format == "shards":
+            if data.dataset == "coco":  # COCO shards first: their message says what to pack
+                shards.val_annotations(data.url, shards.read_manifest(data.url))
             num_classes = None if data.dataset == "coco" else spec.model.num_classes
             manifest = shards.check(data.url, num_classes, data.shard_cache_limit, data.dataset)
             if data.dataset == "coco":

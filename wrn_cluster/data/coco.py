@@ -417,12 +417,13 @@ def item(
     labels: torch.Tensor,
     image_id: int,
     where: str,
-    flip: torch.Generator | None,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """An image's (uint8 [3, H, W], target) from its file's bytes ``data``, its (height, width)
-    as the annotations give it and its targets, flipped with boxes if ``flip`` draws so. An
-    image that cannot be read (``data`` None), decoded, or is not that size comes back black
-    without boxes and ``skipped``: a background-only image, harmless to train on, and counted."""
+    as the annotations give it and its targets, flipped with its boxes if ``generator`` draws
+    so (None: never). An image that cannot be read (``data`` None), decoded, or is not that
+    size comes back black without boxes and ``skipped``: the step trains it as a background-only
+    image and the loop counts it; evaluation leaves it out."""
     height, width = size
     skipped = False
     try:
@@ -438,7 +439,7 @@ def item(
             log.warning("skipping undecodable image %s: %s", where, error)
         image = torch.zeros(3, max(height, 1), max(width, 1), dtype=torch.uint8)
         boxes, labels, skipped = boxes[:0], labels[:0], True
-    if flip is not None and torch.rand((), generator=flip).item() < 0.5:
+    if generator is not None and torch.rand((), generator=generator).item() < 0.5:
         image = F.horizontal_flip(image)
         boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
     return image, {"boxes": boxes, "labels": labels, "image_id": image_id, "skipped": skipped}

@@ -10,18 +10,23 @@ readers give those samples back as unreadable images (label -1), which the train
 in ``skipped_images``. A shard whose bytes arrive but do not match their SHA-256 is damage, not a
 bad moment: that still stops the read with its name (``shards.damaged_shards_named``).
 
-The substitute stays in this attempt's cache until Streaming evicts it (``cache_limit``); a
-restarted attempt downloads the shard again (``shards.adopt_earlier_attempts`` adopts only
-shards of the manifest's size).
+A substitute leaves a marker beside it (``.skipped``); at the next epoch's start the reader
+evicts those shards (``shards.ShardStream.start_epoch``), so they are downloaded again, not
+blank for the rest of the run. More than ``SKIP_LIMIT`` of a stream's shards skipped by one
+reader process is no bad moment but a store that is down: that stops the read with a DataError.
 
 Read-ahead: Streaming downloads one shard at a time per reader process, when its walk through
 the epoch's order first needs it, so the first batches of an epoch wait for one download after
-another (every shard of a shuffle block is needed early). ``RetryingStream`` starts fetching the
-``READ_AHEAD`` shards that follow a shard by number whenever Streaming asks for one: the shards
-of a canonical node's span are consecutive and shuffled together, so those are needed soon. A
-fetched shard waits beside its place (``.ahead``) until Streaming asks for it, and is then
-checked (SHA-256) and counted in the cache as a download of Streaming's own; a shard asked for
-while its fetch runs waits for that fetch instead of starting another.
+another (a shuffle block needs nearly all of its shards early). ``RetryingStream`` starts
+fetching the ``read_ahead`` shards after a shard (by number, among those not cached) whenever
+Streaming asks for one. Streaming's shuffle spreads a node's shards over the whole split, so
+this pays only where every shard is read by this node and none is evicted: one node, and a
+cache that holds the whole split (``shards._stream`` turns it off otherwise). A fetched shard
+waits beside its place (``.ahead``) until Streaming asks for it, and is then checked (SHA-256)
+and counted in the cache as a download of Streaming's own; a shard asked for while its fetch
+runs waits for that fetch instead of starting another. Fetches go through fsspec
+(``storage.filesystem``), a client of their own, not Streaming's downloader, which its prepare
+thread uses at the same time.
 """
 
 from __future__ import annotations
@@ -29,15 +34,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import random
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from wrn_cluster.data.base import DataError
+from wrn_cluster.data.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +56,34 @@ TEXT_VALUES = {"bytes": b"", "str": "", "json": None, "pkl": None}  # other colu
 SUBSTITUTE_LIMIT = (1 << 32) - 1  # one MDS file for the whole substitute (MDS offsets are 32-bit)
 READ_AHEAD = 4  # shards fetched at once ahead of the one Streaming asks for (0: none)
 AHEAD = ".ahead"  # a fetched shard's name beside its place, until Streaming asks for it
+SKIPPED = ".skipped"  # the marker beside a substitute: evict it at the next epoch's start
+SKIP_LIMIT = 0.05  # the share of a stream's shards one process may skip before it stops
 
 
 class _Fetches:
-    """This process's read-ahead: its threads and the shards they are fetching (cache path ->
-    an event set when the fetch ends). A forked loader process makes its own."""
+    """This process's read-ahead: daemon threads (a process that exits does not wait for their
+    fetches) and the shards they are fetching (cache path -> an event set when the fetch ends).
+    A forked loader process makes its own (``_this_process``)."""
 
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max(1, READ_AHEAD), thread_name_prefix="shard-ahead")
+    def __init__(self, threads: int) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.running: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
+        for _ in range(threads):
+            threading.Thread(target=self._work, name="shard-ahead", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self.jobs.get()()
 
 
 _fetches: dict[int, _Fetches] = {}
 
 
-def _this_process() -> _Fetches:
+def _this_process(threads: int) -> _Fetches:
     pid = os.getpid()
     if pid not in _fetches:
-        _fetches[pid] = _Fetches()
+        _fetches[pid] = _Fetches(threads)
     return _fetches[pid]
 
 
@@ -111,6 +128,7 @@ class ShardRetries:
         self.read_ahead = READ_AHEAD if read_ahead is None else read_ahead
         self.shard_list: list[Any] = []  # this stream's shards, in their order (get_shards)
         self.taken_ahead = 0  # shards this process's Streaming took from the read-ahead
+        self.skipped_shards = 0  # shards this process replaced by substitutes
 
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Any]:
         """Streaming's shard readers of this stream, kept for the read-ahead."""
@@ -154,7 +172,7 @@ class ShardRetries:
         number = next((n for n, s in enumerate(self.shard_list) if s is shard), None)
         if number is None:
             return
-        fetches = _this_process()
+        fetches = _this_process(self.read_ahead)
         for following in self.shard_list[number + 1 : number + 1 + self.read_ahead]:
             if len(following.file_pairs) != 1 or following.file_pairs[0][1] is not None:
                 continue  # split or zipped shards: Streaming's own way
@@ -166,19 +184,21 @@ class ShardRetries:
                 if os.path.exists(place):
                     continue
                 fetches.running[place] = threading.Event()
-            fetches.pool.submit(self._fetch, basename, place)
+            fetches.jobs.put(lambda basename=basename, place=place: self._fetch(basename, place))
 
     def _fetch(self, basename: str, place: str) -> None:
-        """One try at ``basename`` into ``place`` + AHEAD (the shard, when asked for, is tried
-        again with backoff if this fails)."""
-        fetches = _this_process()
-        side = f"{basename}{AHEAD}.{os.getpid()}.{threading.get_ident()}"
+        """One try at ``basename`` into ``place`` + AHEAD, through a client of its own (the
+        shard, when asked for, is tried again with backoff if this fails)."""
+        fetches = _this_process(self.read_ahead)
+        side = f"{place}{AHEAD}.{os.getpid()}.{threading.get_ident()}"
         try:
-            os.replace(self._download_once(basename, side), place + AHEAD)
+            fs, path = filesystem(self.where(basename))
+            fs.get_file(path, side)
+            os.replace(side, place + AHEAD)
         except Exception as error:  # the request for the shard itself will retry and say
             log.debug("reading %s ahead failed: %s", self.where(basename), error)
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.local, self.split, side))
+                os.remove(side)
         finally:
             with fetches.lock:
                 fetches.running.pop(place).set()
@@ -187,7 +207,7 @@ class ShardRetries:
         """The cache path of ``basename`` if the read-ahead fetched it (waiting for a fetch that
         runs), else None."""
         place = os.path.join(self.local, self.split, basename)
-        fetches = _this_process()
+        fetches = _this_process(self.read_ahead)
         with fetches.lock:
             running = fetches.running.get(place)
         if running is not None:
@@ -211,6 +231,15 @@ class ShardRetries:
         except Exception as error:
             if _is_damage(error):
                 raise
+            self.skipped_shards += 1
+            if self.skipped_shards > max(1.0, SKIP_LIMIT * len(self.shard_list)):
+                raise DataError(
+                    f"{self.where(shard.file_pairs[0][0].basename)}: {self.skipped_shards} of "
+                    f"{len(self.shard_list)} shards could not be read, each after "
+                    f"{len(self.backoff_s) + 1} tries (the last: {type(error).__name__}: "
+                    f"{error}); check the store and its credentials, then submit the job again "
+                    "(it resumes from its last checkpoint)"
+                ) from None
             skipped = self.substitute(shard)
             log.warning(
                 "skipping shard %s: %d tries failed, the last with %s: %s; its %d samples are "
@@ -245,6 +274,8 @@ class ShardRetries:
                     f"order {shard.column_names}"
                 )
             os.replace(os.path.join(scratch, "shard.00000.mds"), os.path.join(folder, raw.basename))
+        with open(os.path.join(folder, raw.basename + SKIPPED), "w"):
+            pass  # the next epoch's start evicts the substitute (shards.ShardStream.start_epoch)
         return shard.samples
 
     def where(self, basename: str) -> str:

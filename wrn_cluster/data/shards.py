@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,10 +569,17 @@ def check(
 
 @contextmanager
 def damaged_shards_named(url: str) -> Iterator[None]:
-    """Streaming's "Checksum failure: <cache path>" as one DataError naming the shard."""
+    """Streaming's "Checksum failure: <cache path>" as one DataError naming the shard, and a
+    DataError of its download thread (``shard_fetch``'s), which Streaming wraps in a
+    RuntimeError, as itself."""
     try:
         yield
+    except DataError:
+        raise
     except (ValueError, RuntimeError) as error:
+        wrapped = re.search(r"background thread failed: DataError: (.*)", str(error), re.DOTALL)
+        if wrapped:
+            raise DataError(wrapped.group(1)) from None
         found = re.search(r"Checksum failure: (\S+)", str(error))
         if not found:
             raise
@@ -601,10 +608,19 @@ def check_layout(url: str, world: int, local_world: int, canonical_nodes: int) -
         )
 
 
-def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: int, **options):
+def _stream(
+    url: str,
+    split: str,
+    cache: str,
+    shuffle: bool,
+    seed: int,
+    batch: int,
+    read_ahead: int = 0,
+    **options,
+):
     """Streaming's StreamingDataset over one split, caching shards in ``cache``; a shard whose
-    download keeps failing is retried with backoff, then read as unreadable samples
-    (``shard_fetch``)."""
+    download keeps failing is retried with backoff, then read as unreadable samples, and with
+    ``read_ahead`` that many shards are fetched ahead (``shard_fetch``)."""
     from streaming import StreamingDataset
 
     if url.startswith("file://") or "://" not in url:  # Streaming reads local paths, not file://
@@ -612,7 +628,7 @@ def _stream(url: str, split: str, cache: str, shuffle: bool, seed: int, batch: i
     else:
         remote = join(url.rstrip("/"), split)
     return StreamingDataset(
-        streams=[shard_fetch.RetryingStream(remote=remote, local=cache)],
+        streams=[shard_fetch.RetryingStream(remote=remote, local=cache, read_ahead=read_ahead)],
         shuffle=shuffle,
         shuffle_seed=seed,
         batch_size=batch,
@@ -676,7 +692,11 @@ class ShardStream(IterableDataset):
     position a resumed run starts from, are Streaming's (see ``start_epoch``)."""
 
     def __init__(
-        self, url: str, stream: Any, transform: ShardTransform, canonical_nodes: int
+        self,
+        url: str,
+        stream: Any,
+        transform: Callable[[dict[str, Any], int], tuple[torch.Tensor, Any]],
+        canonical_nodes: int,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -690,8 +710,11 @@ class ShardStream(IterableDataset):
 
     def start_epoch(self, epoch: int, samples_done: int) -> None:
         """The next pass is ``epoch`` (0-based), after its first ``samples_done`` samples over
-        every rank. Streaming keeps this in shared memory, so persistent loader processes see it."""
+        every rank. Streaming keeps this in shared memory, so persistent loader processes see it.
+        Shards that a reader replaced by unreadable samples (``shard_fetch``) are evicted first,
+        so this epoch downloads them again."""
         self.set_epoch(epoch)
+        self.evict_skipped()
         self.stream.load_state_dict(
             {
                 "epoch": epoch,
@@ -700,6 +723,21 @@ class ShardStream(IterableDataset):
                 "shuffle_seed": self.transform.seed,
             }
         )
+
+    def evict_skipped(self) -> None:
+        """Evict each shard whose substitute left its marker; the rank that removes a marker
+        evicts (Streaming's eviction is safe across the node's processes)."""
+        numbers = {shard.file_pairs[0][0].basename: n for n, shard in enumerate(self.stream.shards)}
+        for stream in self.stream.streams:
+            folder = os.path.join(stream.local, stream.split or "")
+            for marker in Path(folder).glob(f"*{shard_fetch.SKIPPED}"):
+                try:
+                    marker.unlink()
+                except FileNotFoundError:
+                    continue  # another rank of the node took it
+                number = numbers.get(marker.name.removesuffix(shard_fetch.SKIPPED))
+                if number is not None:
+                    self.stream.evict_shard(number)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         epoch = int(self.shared_epoch)
@@ -734,7 +772,9 @@ class ShardStream(IterableDataset):
 class ShardSplit(Dataset):
     """A split read by index (validation): item i is the split's sample i, whole shards cached."""
 
-    def __init__(self, url: str, stream: Any, transform: ShardTransform) -> None:
+    def __init__(
+        self, url: str, stream: Any, transform: Callable[[dict[str, Any], int], tuple]
+    ) -> None:
         self.url = url
         self.stream = stream
         self.transform = transform
@@ -770,11 +810,31 @@ def _splits(
             True,
             seed,
             per_worker_batch,
+            read_ahead_here(manifest, "train", cache_limit),
             num_canonical_nodes=canonical_nodes,
             cache_limit=cache_limit,
         )
-        val = _stream(url, "val", os.path.join(cache, "val"), False, seed, per_worker_batch)
+        val = _stream(
+            url,
+            "val",
+            os.path.join(cache, "val"),
+            False,
+            seed,
+            per_worker_batch,
+            read_ahead_here(manifest, "val", None),
+        )
     return train, val
+
+
+def read_ahead_here(manifest: dict[str, Any], split: str, cache_limit: str | None) -> int:
+    """How many shards to fetch ahead (``shard_fetch.READ_AHEAD``) where it pays: this node
+    reads every shard of the split (one node) and none is evicted (no cache limit, or one that
+    holds the whole split), so a shard fetched ahead is always used and always fits; else 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    split_bytes = sum(shard["bytes"] for shard in manifest["splits"][split]["shards"])
+    fits = cache_limit is None or size_in_bytes(cache_limit) >= split_bytes
+    return shard_fetch.READ_AHEAD if nodes <= 1 and fits else 0
 
 
 class DetectionRecord:
@@ -811,6 +871,23 @@ def detection_facts(manifest: dict[str, Any], url: str) -> dict[str, Any]:
     return manifest["coco"]
 
 
+def val_annotations(url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The val annotation file of the packed COCO set at ``url`` (COCOeval's ground truth);
+    DataError if the shards are no COCO set's, or the file is missing or not JSON."""
+    facts = detection_facts(manifest, url)
+    fs, root = filesystem(url)
+    where = f"{url.rstrip('/')}/{facts['val_annotations']}"
+    try:
+        doc = json.loads(fs.cat_file(join(root, facts["val_annotations"])))
+    except FileNotFoundError:
+        raise DataError(f"{where}: the val annotations are missing; {PACK_AGAIN}") from None
+    except ValueError as error:
+        raise DataError(f"{where}: not JSON ({error}); {PACK_AGAIN}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{where}: not a COCO annotation file; {PACK_AGAIN}")
+    return doc
+
+
 def build_detection(
     url: str,
     *,
@@ -831,13 +908,7 @@ def build_detection(
     train, val = _splits(
         url, manifest, cache, cache_limit, canonical_nodes, seed, per_worker_batch, adopt
     )
-    fs, root = filesystem(url)
-    try:
-        val_doc = json.loads(fs.cat_file(join(root, facts["val_annotations"])))
-    except FileNotFoundError:
-        raise DataError(
-            f"{url}/{facts['val_annotations']}: the val annotations are missing; {PACK_AGAIN}"
-        ) from None
+    val_doc = val_annotations(url, manifest)
     ordered = sorted(facts["categories"], key=lambda c: c["id"])
     categories = coco.Categories(tuple(c["id"] for c in ordered), tuple(c["name"] for c in ordered))
     stream = ShardStream(url, train, DetectionRecord(url, flip, seed), canonical_nodes)

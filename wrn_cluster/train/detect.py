@@ -183,7 +183,9 @@ def score(
         with precision.autocast(dtype, device):
             outputs = net(to_inputs(images, device))
         for output, target in zip(outputs, targets, strict=True):
-            skipped += bool(target["skipped"])
+            if target["skipped"]:  # unread: no detections of it (a skipped shard's has no id)
+                skipped += 1
+                continue
             boxes = output["boxes"].float().cpu().numpy()
             scores = output["scores"].float().cpu().numpy()
             labels = output["labels"].cpu().numpy()
