@@ -55,6 +55,11 @@ def test_streamings_download_and_shard_layout_are_what_the_adapter_overrides(
     assert list(download.parameters) == ["self", "from_basename", "to_basename"]
     assert download.parameters["to_basename"].default is None
     assert list(inspect.signature(Stream.prepare_shard).parameters) == ["self", "shard"]
+    # The read-ahead's one try: the stream's downloader, download(remote, local, timeout).
+    downloader = shard_fetch.RetryingStream(
+        remote=str(cifar_shards), local=str(tmp_path)
+    )._downloader
+    assert list(inspect.signature(downloader.download).parameters) == ["remote", "local", "timeout"]
     # What the substitute reads of a shard: one MDS file, its columns in their stored order,
     # and its sample count.
     train, _, _ = build(cifar_shards, tmp_path / "cache")

@@ -24,9 +24,8 @@ this pays only where every shard is read by this node and none is evicted: one n
 cache that holds the whole split (``shards._stream`` turns it off otherwise). A fetched shard
 waits beside its place (``.ahead``) until Streaming asks for it, and is then checked (SHA-256)
 and counted in the cache as a download of Streaming's own; a shard asked for while its fetch
-runs waits for that fetch instead of starting another. Fetches go through fsspec
-(``storage.filesystem``), a client of their own, not Streaming's downloader, which its prepare
-thread uses at the same time.
+runs waits for that fetch instead of starting another. A fetch is one try through the stream's
+own downloader (one client a process), without Streaming's clean-up after a failure.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from typing import Any
 import numpy as np
 
 from wrn_cluster.data.base import DataError
-from wrn_cluster.data.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,8 @@ class ShardRetries:
     """What ``RetryingStream`` adds to Streaming's ``Stream``: its files downloaded with backoff
     (one Streaming attempt a try, the waits ``backoff_s`` between tries), and its shards, when
     every try failed, replaced by unreadable samples. The download is Streaming's private
-    ``_download_file``, reached only through ``_download_once`` (both pinned by
+    ``_download_file``, reached only through ``_download_once``, and for the read-ahead its
+    private ``_downloader``, reached only through ``_fetch_once`` (all pinned by
     tests/unit/test_shard_fetch.py)."""
 
     remote: str | None
@@ -140,6 +139,12 @@ class ShardRetries:
     def _download_once(self, from_basename: str, to_basename: str | None) -> str:
         """One try of Streaming's download of ``from_basename`` into the cache; its path."""
         return super()._download_file(from_basename, to_basename)  # type: ignore[misc]
+
+    def _fetch_once(self, basename: str, path: str) -> None:
+        """One try at ``basename`` into ``path`` through the stream's downloader, without
+        Streaming's retry, whose clean-up after a failed try would drop the client that the
+        prepare thread may be using (a download under way keeps its client either way)."""
+        self._downloader.download(self.where(basename), path, self.download_timeout)  # type: ignore[attr-defined]
 
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
         """Streaming's download of a file (the index or a shard), tried again after each wait
@@ -192,8 +197,7 @@ class ShardRetries:
         fetches = _this_process(self.read_ahead)
         side = f"{place}{AHEAD}.{os.getpid()}.{threading.get_ident()}"
         try:
-            fs, path = filesystem(self.where(basename))
-            fs.get_file(path, side)
+            self._fetch_once(basename, side)
             os.replace(side, place + AHEAD)
         except Exception as error:  # the request for the shard itself will retry and say
             log.debug("reading %s ahead failed: %s", self.where(basename), error)
