@@ -135,3 +135,17 @@ def test_tracking_overhead_bench_prints_its_ratio(tmp_path):
     )  # fmt: skip
     result = assert_ratio(out, "tracking-overhead", written)
     assert result["extra"]["values_logged"] == 2 * (2 * 4 + 2)
+
+
+def test_a_result_keeps_its_ratio_unrounded_so_the_table_prints_what_the_line_did(tmp_path):
+    from wrn_cluster.bench.common import Comparison, Variant
+
+    # 0.955049 prints as 0.96; rounded to 4 places first (0.955) it would print 0.95.
+    result = Comparison(
+        bench="b", unit="img/s", baseline=Variant("baseline", "", [100.0]),
+        project=Variant("project", "", [95.5049]), settings={}, machine={"summary": "here"},
+    )  # fmt: skip
+    result.write_json(tmp_path / "b.json")
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert result.lines()[-1] == "b: ratio 0.96 (project vs baseline)"
+    assert f"{written['ratio']:.2f}" == "0.96"

@@ -77,8 +77,10 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         return {
             "bench": self.bench,
-            "ratio": round(self.ratio, 4),
-            "round_ratios": [round(r, 4) for r in self.round_ratios],
+            # Unrounded: the table prints them to 2 places as the ratio line does, and a value
+            # rounded twice (0.955049 -> 0.955 -> "0.95") would differ from it ("0.96").
+            "ratio": self.ratio,
+            "round_ratios": self.round_ratios,
             "unit": self.unit,
             "baseline": _variant_json(self.baseline),
             "project": _variant_json(self.project),
